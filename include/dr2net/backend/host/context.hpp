@@ -1,0 +1,140 @@
+#pragma once
+//! \file
+//! The host (CPU) backend's context: allocations through one place, metered by category.
+//! It is both a usable backend and the oracle that device results are compared against.
+
+#include <cstddef>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <type_traits>
+#include <utility>
+
+#include "dr2net/core/error.hpp"
+#include "dr2net/core/memory_meter.hpp"
+#include "dr2net/core/tensor.hpp"
+
+namespace dr2net {
+
+struct HostContextOptions {
+  //! Fill every new floating-point allocation with NaN, so reading memory that was never
+  //! written shows up as NaN in results instead of passing silently. Tests turn it on.
+  bool poison_allocations = false;
+};
+
+class HostContext;
+
+//! An owning, metered host allocation of `size()` elements of T (64-byte aligned).
+template <class T>
+class HostBuffer {
+ public:
+  HostBuffer() = default;
+  HostBuffer(HostBuffer&& o) noexcept { swap(o); }
+  HostBuffer& operator=(HostBuffer&& o) noexcept {
+    HostBuffer tmp(std::move(o));
+    swap(tmp);
+    return *this;
+  }
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  ~HostBuffer() { reset(); }
+
+  T* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+
+  //! A contiguous view of the first shape.numel() elements.
+  TensorView<T> view(const Shape& shape) const {
+    DR2NET_CHECK(static_cast<std::size_t>(shape.numel()) <= size_, "view of shape ", shape,
+                 " needs ", shape.numel(), " elements but the buffer holds ", size_);
+    return TensorView<T>(data_, shape);
+  }
+  //! All elements as a rank-1 view.
+  TensorView<T> flat() const { return TensorView<T>(data_, Shape{static_cast<std::int64_t>(size_)}); }
+
+  void reset() noexcept {
+    if (data_) {
+      ::operator delete(static_cast<void*>(data_), std::align_val_t{kAlignment});
+      if (meter_) meter_->remove(category_, size_ * sizeof(T));
+    }
+    data_ = nullptr;
+    size_ = 0;
+    meter_ = nullptr;
+  }
+
+  void swap(HostBuffer& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(size_, o.size_);
+    std::swap(meter_, o.meter_);
+    std::swap(category_, o.category_);
+  }
+
+ private:
+  friend class HostContext;
+  static constexpr std::size_t kAlignment = 64;
+
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+  MemoryMeter* meter_ = nullptr;
+  MemoryCategory category_ = MemoryCategory::Other;
+};
+
+//! Resources of the host backend. Every library allocation goes through allocate().
+class HostContext {
+ public:
+  explicit HostContext(HostContextOptions options = {}) : options_(options) {}
+  HostContext(const HostContext&) = delete;
+  HostContext& operator=(const HostContext&) = delete;
+
+  MemoryMeter& meter() noexcept { return meter_; }
+  const MemoryMeter& meter() const noexcept { return meter_; }
+  const HostContextOptions& options() const noexcept { return options_; }
+
+  template <class T>
+  HostBuffer<T> allocate(std::size_t count, MemoryCategory category) {
+    static_assert(std::is_trivially_copyable_v<T>, "host buffers hold trivially copyable elements");
+    HostBuffer<T> b;
+    if (count == 0) return b;
+    DR2NET_CHECK(count <= std::numeric_limits<std::size_t>::max() / sizeof(T),
+                 "allocation of ", count, " elements overflows");
+    const std::size_t bytes = count * sizeof(T);
+    void* p = nullptr;
+    try {
+      p = ::operator new(bytes, std::align_val_t{HostBuffer<T>::kAlignment});
+    } catch (const std::bad_alloc&) {
+      DR2NET_FAIL("host out of memory allocating ", bytes, " bytes of ", category_name(category),
+                  " while the meter holds ", meter_.current_total(), " bytes");
+    }
+    b.data_ = static_cast<T*>(p);
+    b.size_ = count;
+    b.meter_ = &meter_;
+    b.category_ = category;
+    meter_.add(category, bytes);
+    if constexpr (std::is_floating_point_v<T>) {
+      if (options_.poison_allocations)
+        for (std::size_t i = 0; i < count; ++i) b.data_[i] = std::numeric_limits<T>::quiet_NaN();
+    }
+    return b;
+  }
+
+  //! Makes `buffer` hold at least `count` elements, reallocating only when it must.
+  template <class T>
+  void reserve(HostBuffer<T>& buffer, std::size_t count, MemoryCategory category) {
+    if (buffer.size() >= count) return;
+    buffer.reset();
+    buffer = allocate<T>(count, category);
+  }
+
+ private:
+  HostContextOptions options_;
+  MemoryMeter meter_;
+};
+
+//! Runs `fn(i)` for i in [0, n): the host form of an elementwise kernel launch. Block code
+//! calls this with the same functor objects a device backend launches.
+template <class Fn>
+void for_each_index(HostContext&, std::size_t n, const Fn& fn) {
+  for (std::size_t i = 0; i < n; ++i) fn(i);
+}
+
+}  // namespace dr2net

@@ -1,0 +1,149 @@
+#pragma once
+//! \file
+//! The residual-function concept: what a user's attention, MLP or any other F must provide
+//! to be wrapped in a Dr²Net block.
+//!
+//! A residual function F with `using value_type = T;` (its compute type) provides:
+//!
+//!   std::size_t saved_elements(const Shape& in) const;
+//!       Elements of T the library must hand it as scratch for an input of shape `in`
+//!       ([..., D]): its saved internals plus any temporaries. Throws dr2net::Error when it
+//!       cannot take that shape (wrong width, say); the library calls it before any work.
+//!   void forward(const ModuleCall<Ctx>&, ConstView<T> in, TensorView<T> out, TensorView<T> scratch);
+//!       out = F(in). `scratch` may be used freely; its contents afterwards do not matter.
+//!   void recompute(const ModuleCall<Ctx>&, ConstView<T> in, TensorView<T> out, TensorView<T> saved);
+//!       out = F(in) and `saved` holds what backward needs. Must produce bit-identical `out`
+//!       to forward for the same call (replay randomness from call.seed/step/module).
+//!   void backward(const ModuleCall<Ctx>&, ConstView<T> in, ConstView<T> saved,
+//!                 ConstView<T> grad_out, TensorView<T> grad_in);
+//!       grad_in += J_F(in)^T grad_out, and every parameter gradient += its share. It
+//!       accumulates: it never overwrites grad_in or the parameter gradients.
+//!   template <class V> void for_each_parameter(V&& visit);
+//!       Calls visit(std::string_view name, TensorView<T> value, TensorView<T> grad) for every
+//!       parameter, so optimizers, clipping and all-reduce need not know the function's type.
+//!
+//! Optional: `using context_type = ...;` (default HostContext) names the backend it runs on;
+//! `static constexpr std::string_view parameter_prefix = "...";` replaces the block's default
+//! "f"/"g" prefix of its parameter names (an empty prefix keeps the names as they are).
+//! All views handed to it are contiguous and have the stream's shape (scratch: rank 1).
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+#include <type_traits>
+
+#include "dr2net/backend/host/context.hpp"
+#include "dr2net/core/tensor.hpp"
+
+namespace dr2net {
+
+//! What the library tells a residual function about the current call.
+template <class Ctx>
+struct ModuleCall {
+  Ctx& context;              //!< backend resources (host or device)
+  int module = 0;            //!< index of this residual function in the stack (layer l: 2l, 2l+1)
+  std::int64_t step = 0;     //!< training step, for replaying randomness
+  std::uint64_t seed = 0;    //!< the stack's seed, for replaying randomness
+  bool training = true;      //!< false in inference: no dropout, no drop-path
+};
+
+namespace detail {
+
+template <class F>
+struct context_of {
+  using type = HostContext;
+};
+template <class F>
+  requires requires { typename F::context_type; }
+struct context_of<F> {
+  using type = typename F::context_type;
+};
+
+template <class F>
+struct value_type_of {
+  using type = void;
+};
+template <class F>
+  requires requires { typename F::value_type; }
+struct value_type_of<F> {
+  using type = typename F::value_type;
+};
+
+//! Stand-in visitor used to check for_each_parameter.
+template <class T>
+struct ParameterVisitorArchetype {
+  void operator()(std::string_view, TensorView<T>, TensorView<T>) const {}
+};
+
+}  // namespace detail
+
+template <class F>
+using context_type_t = typename detail::context_of<F>::type;
+
+// One concept per requirement, so a failed check can say which member is missing.
+
+template <class F>
+concept HasFloatingValueType = std::is_floating_point_v<typename detail::value_type_of<F>::type>;
+
+template <class F, class T = typename detail::value_type_of<F>::type>
+concept HasSavedElements = requires(const F& f, const Shape& s) {
+  { f.saved_elements(s) } -> std::convertible_to<std::size_t>;
+};
+
+template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
+concept HasForward = requires(F& f, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> out) {
+  f.forward(call, in, out, out);
+};
+
+template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
+concept HasRecompute = requires(F& f, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> out) {
+  f.recompute(call, in, out, out);
+};
+
+template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
+concept HasBackward = requires(F& f, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> gin) {
+  f.backward(call, in, in, in, gin);
+};
+
+template <class F, class T = typename detail::value_type_of<F>::type>
+concept HasParameters = requires(F& f, detail::ParameterVisitorArchetype<T> v) { f.for_each_parameter(v); };
+
+//! A type usable as F or G in ReversibleDualResidual.
+template <class F>
+concept ResidualFunction = std::move_constructible<F> && HasFloatingValueType<F> && HasSavedElements<F> &&
+                           HasForward<F> && HasRecompute<F> && HasBackward<F> && HasParameters<F>;
+
+//! Fails compilation with a message naming the first requirement F misses.
+template <class F>
+constexpr bool check_residual_function() {
+  static_assert(HasFloatingValueType<F>,
+                "dr2net: residual function lacks `using value_type = float;` (or double): the "
+                "floating-point type it computes in");
+  static_assert(!HasFloatingValueType<F> || HasSavedElements<F>,
+                "dr2net: residual function lacks `std::size_t saved_elements(const dr2net::Shape&) const`");
+  static_assert(!HasFloatingValueType<F> || HasForward<F>,
+                "dr2net: residual function lacks `void forward(const dr2net::ModuleCall<Ctx>&, "
+                "dr2net::ConstView<T> in, dr2net::TensorView<T> out, dr2net::TensorView<T> scratch)`");
+  static_assert(!HasFloatingValueType<F> || HasRecompute<F>,
+                "dr2net: residual function lacks `void recompute(const dr2net::ModuleCall<Ctx>&, "
+                "dr2net::ConstView<T> in, dr2net::TensorView<T> out, dr2net::TensorView<T> saved)`");
+  static_assert(!HasFloatingValueType<F> || HasBackward<F>,
+                "dr2net: residual function lacks `void backward(const dr2net::ModuleCall<Ctx>&, "
+                "dr2net::ConstView<T> in, dr2net::ConstView<T> saved, dr2net::ConstView<T> grad_out, "
+                "dr2net::TensorView<T> grad_in)`");
+  static_assert(!HasFloatingValueType<F> || HasParameters<F>,
+                "dr2net: residual function lacks `template <class V> void for_each_parameter(V&& visit)` "
+                "calling visit(name, value_view, grad_view)");
+  static_assert(std::move_constructible<F>, "dr2net: residual function must be move-constructible");
+  return ResidualFunction<F>;
+}
+
+//! The prefix of F's parameter names inside a block: F::parameter_prefix when declared.
+template <class F>
+constexpr std::string_view parameter_prefix_or(std::string_view fallback) {
+  if constexpr (requires { F::parameter_prefix; }) return std::string_view(F::parameter_prefix);
+  else return fallback;
+}
+
+}  // namespace dr2net

@@ -1,0 +1,318 @@
+#pragma once
+//! \file
+//! ReversibleDualResidual<F, G, Schedule, Precision>: one transformer layer (module F, then
+//! module G) as a Dr²Net block. Each module i computes, in place over two stream buffers,
+//!
+//!   forward:  x_i = y_{i-1};  y_i = alpha_i y_{i-1} + F_i(y_{i-1}) + beta_i x_{i-1}
+//!   inverse:  y_{i-1} = x_i;  x_{i-1} = (y_i - alpha_i x_i - F_i(x_i)) / beta_i
+//!
+//! The hand-off x_i = y_{i-1} is a change of buffer roles, never a copy: module F writes y_1
+//! over x_0 and module G writes y_2 over x_1 = y_0, so after the layer the x buffer again
+//! holds x and the y buffer holds y.
+
+#include <cmath>
+#include <cstddef>
+#include <exception>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+#include "dr2net/backend/host/context.hpp"
+#include "dr2net/block/combine.hpp"
+#include "dr2net/block/residual_function.hpp"
+#include "dr2net/core/error.hpp"
+#include "dr2net/core/tensor.hpp"
+#include "dr2net/precision/precision.hpp"
+#include "dr2net/schedule/coefficients.hpp"
+
+namespace dr2net {
+
+//! Smallest |beta| a reversible step accepts by default. Reconstruction divides by beta, so
+//! error grows by roughly 1/|beta| per module; below this it is numerically meaningless.
+inline constexpr double kDefaultMinAbsBeta = 1e-3;
+
+//! Where a layer is and what it may do in this call.
+struct LayerCall {
+  int layer = 0;                              //!< layer index; its modules are 2*layer and 2*layer+1
+  std::int64_t step = 0;                      //!< training step (schedule and randomness replay)
+  std::uint64_t seed = 0;                     //!< randomness seed for the residual functions
+  bool training = true;                       //!< false: inference (no dropout, no drop-path)
+  double min_abs_beta = kDefaultMinAbsBeta;   //!< reversible operations refuse |beta| below this
+};
+
+//! A backend's buffer type: what Ctx::allocate<T> returns.
+template <class Ctx, class T>
+using buffer_t = decltype(std::declval<Ctx&>().template allocate<T>(std::size_t{}, MemoryCategory::Other));
+
+//! Per-module state kept from forward to backward in standard mode: each module's input
+//! stream and its residual function's saved internals.
+template <class S, class C>
+struct LayerStorage {
+  TensorView<S> input_f, input_g;
+  TensorView<C> saved_f, saved_g;
+};
+
+//! The temporaries one module needs, sized for the largest function it will serve:
+//! F's output, F's scratch, and in mixed precision compute-typed copies of the input and
+//! of the output gradient plus a separate input-gradient accumulator.
+template <class Ctx, class S, class C>
+class ModuleWorkspace {
+ public:
+  static constexpr bool kMixed = !std::is_same_v<S, C>;
+
+  //! Makes room for streams of `shape` and `scratch_elements` of function scratch.
+  void prepare(Ctx& ctx, const Shape& shape, std::size_t scratch_elements) {
+    shape_ = shape;
+    const auto n = static_cast<std::size_t>(shape.numel());
+    ctx.reserve(f_, n, MemoryCategory::Scratch);
+    ctx.reserve(scratch_, scratch_elements, MemoryCategory::Scratch);
+    scratch_elements_ = scratch_elements;
+    if constexpr (kMixed) {
+      ctx.reserve(in_, n, MemoryCategory::Scratch);
+      ctx.reserve(gout_, n, MemoryCategory::Scratch);
+      ctx.reserve(gin_, n, MemoryCategory::Scratch);
+    }
+  }
+  void release() {
+    f_.reset();
+    scratch_.reset();
+    in_.reset();
+    gout_.reset();
+    gin_.reset();
+  }
+
+  const Shape& shape() const { return shape_; }
+  TensorView<C> f() const { return f_.view(shape_); }
+  TensorView<C> scratch() const { return TensorView<C>(scratch_.data(), Shape{static_cast<std::int64_t>(scratch_elements_)}); }
+  //! Compute-typed staging (mixed precision only; empty views otherwise).
+  TensorView<C> in() const { return staging(in_); }
+  TensorView<C> gout() const { return staging(gout_); }
+  TensorView<C> gin() const { return staging(gin_); }
+
+ private:
+  TensorView<C> staging(const buffer_t<Ctx, C>& b) const {
+    if constexpr (kMixed) return b.view(shape_);
+    else return {};
+  }
+
+  Shape shape_;
+  std::size_t scratch_elements_ = 0;
+  buffer_t<Ctx, C> f_, scratch_, in_, gout_, gin_;
+};
+
+template <class F, class G, Schedule ScheduleT, Precision PrecisionT = Fp32>
+class ReversibleDualResidual {
+  static_assert(check_residual_function<F>(), "dr2net: F is not a residual function (see above)");
+  static_assert(check_residual_function<G>(), "dr2net: G is not a residual function (see above)");
+
+ public:
+  using function_f = F;
+  using function_g = G;
+  using schedule_type = ScheduleT;
+  using precision = PrecisionT;
+  using stream_type = typename PrecisionT::stream_type;
+  using compute_type = typename PrecisionT::compute_type;
+  using accumulate_type = typename PrecisionT::accumulate_type;
+  using context_type = context_type_t<F>;
+  using workspace_type = ModuleWorkspace<context_type, stream_type, compute_type>;
+  using storage_type = LayerStorage<stream_type, compute_type>;
+
+  static_assert(std::is_same_v<typename F::value_type, compute_type>,
+                "dr2net: F::value_type must be the precision policy's compute_type");
+  static_assert(std::is_same_v<typename G::value_type, compute_type>,
+                "dr2net: G::value_type must be the precision policy's compute_type");
+  static_assert(std::is_same_v<context_type_t<G>, context_type>,
+                "dr2net: F and G must run on the same backend (context_type)");
+
+  ReversibleDualResidual(F f, G g) : f_(std::move(f)), g_(std::move(g)) {}
+
+  F& f() noexcept { return f_; }
+  G& g() noexcept { return g_; }
+  const F& f() const noexcept { return f_; }
+  const G& g() const noexcept { return g_; }
+
+  //! Scratch elements of F (module 0 of this layer) and G (module 1) for a stream of `shape`.
+  //! Errors that a function raises for the shape come back naming the module.
+  std::size_t saved_elements_f(const Shape& shape, int layer) const {
+    return with_module(2 * layer, "F", [&] { return static_cast<std::size_t>(f_.saved_elements(shape)); });
+  }
+  std::size_t saved_elements_g(const Shape& shape, int layer) const {
+    return with_module(2 * layer + 1, "G", [&] { return static_cast<std::size_t>(g_.saved_elements(shape)); });
+  }
+
+  //! The layer's coefficients at this call; non-finite values from the schedule are errors.
+  static Coefficients coefficients(const ScheduleT& schedule, std::int64_t step, int module) {
+    const Coefficients c = schedule(step, module);
+    DR2NET_CHECK(is_finite(c), "schedule gave non-finite (alpha, beta) = (", c.alpha, ", ", c.beta,
+                 ") for module ", module, " at step ", step);
+    return c;
+  }
+  //! Throws unless module `module` can be inverted at this step.
+  static Coefficients reversible_coefficients(const ScheduleT& schedule, std::int64_t step, int module,
+                                              double min_abs_beta) {
+    const Coefficients c = coefficients(schedule, step, module);
+    DR2NET_CHECK(std::abs(c.beta) >= min_abs_beta, "module ", module, " is not reversible at step ", step,
+                 ": |beta| = ", std::abs(c.beta), " is below ", min_abs_beta, " (alpha = ", c.alpha,
+                 ", beta = ", c.beta, "); use standard mode or a schedule with beta away from 0");
+    return c;
+  }
+
+  //! (x, y) <- layer(x, y), in place. With `store`, also keeps each module's input and the
+  //! functions' saved internals there (standard mode); without, functions run with scratch.
+  void forward(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<stream_type> x,
+               TensorView<stream_type> y, workspace_type& ws, const storage_type* store = nullptr) {
+    const int mf = 2 * call.layer, mg = mf + 1;
+    module_forward(ctx, f_, "F", module_call(ctx, call, mf), coefficients(schedule, call.step, mf), x, y, ws,
+                   store ? store->input_f : TensorView<stream_type>{}, store ? store->saved_f : TensorView<compute_type>{});
+    module_forward(ctx, g_, "G", module_call(ctx, call, mg), coefficients(schedule, call.step, mg), y, x, ws,
+                   store ? store->input_g : TensorView<stream_type>{}, store ? store->saved_g : TensorView<compute_type>{});
+  }
+
+  //! (x, y) <- layer^{-1}(x, y), in place: the streams before this layer.
+  void inverse(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<stream_type> x,
+               TensorView<stream_type> y, workspace_type& ws) {
+    const int mf = 2 * call.layer, mg = mf + 1;
+    const Coefficients cg = reversible_coefficients(schedule, call.step, mg, call.min_abs_beta);
+    const Coefficients cf = reversible_coefficients(schedule, call.step, mf, call.min_abs_beta);
+    module_inverse(ctx, g_, "G", module_call(ctx, call, mg), cg, y, x, ws);  // y_2 -> x_1 (G's input x_2 in x)
+    module_inverse(ctx, f_, "F", module_call(ctx, call, mf), cf, x, y, ws);  // y_1 -> x_0 (F's input x_1 in y)
+  }
+
+  //! Backward through the layer. On entry x, y hold the layer's output streams and gx, gy
+  //! their gradients; on exit x, y hold the reconstructed input streams and gx, gy the
+  //! gradients with respect to them; parameter gradients have been accumulated.
+  //! With `store` (standard mode) the stored inputs are used and x, y are not touched.
+  void backward(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<stream_type> x,
+                TensorView<stream_type> y, TensorView<stream_type> gx, TensorView<stream_type> gy,
+                workspace_type& ws, const storage_type* store = nullptr) {
+    const int mf = 2 * call.layer, mg = mf + 1;
+    if (store) {
+      const Coefficients cg = coefficients(schedule, call.step, mg);
+      const Coefficients cf = coefficients(schedule, call.step, mf);
+      module_backward<false>(ctx, g_, "G", module_call(ctx, call, mg), cg, store->input_g, {}, gx, gy, store->saved_g, ws);
+      module_backward<false>(ctx, f_, "F", module_call(ctx, call, mf), cf, store->input_f, {}, gy, gx, store->saved_f, ws);
+      return;
+    }
+    const Coefficients cg = reversible_coefficients(schedule, call.step, mg, call.min_abs_beta);
+    const Coefficients cf = reversible_coefficients(schedule, call.step, mf, call.min_abs_beta);
+    // G: input x_2 in x, output y_2 in y -> y holds x_1, gx holds dL/dy_1, gy holds dL/dx_1.
+    module_backward<true>(ctx, g_, "G", module_call(ctx, call, mg), cg, x, y, gx, gy, {}, ws);
+    // F: input x_1 in y, output y_1 in x -> x holds x_0, gy holds dL/dy_0, gx holds dL/dx_0.
+    module_backward<true>(ctx, f_, "F", module_call(ctx, call, mf), cf, y, x, gy, gx, {}, ws);
+  }
+
+  //! Calls visit(name, value, grad) for every parameter, names prefixed by `prefix`.
+  template <class V>
+  void for_each_parameter(std::string_view prefix, V&& visit) {
+    visit_function(f_, join(prefix, parameter_prefix_or<F>("f")), visit);
+    visit_function(g_, join(prefix, parameter_prefix_or<G>("g")), visit);
+  }
+
+ private:
+  using S = stream_type;
+  using C = compute_type;
+  using A = accumulate_type;
+
+  static std::string join(std::string_view a, std::string_view b) {
+    if (a.empty()) return std::string(b);
+    if (b.empty()) return std::string(a);
+    return std::string(a) + "." + std::string(b);
+  }
+
+  template <class Fn, class V>
+  static void visit_function(Fn& fn, const std::string& prefix, V& visit) {
+    fn.for_each_parameter([&](std::string_view name, TensorView<C> value, TensorView<C> grad) {
+      check_shape(grad, value.shape(), join(prefix, name) + " gradient");
+      visit(join(prefix, name), value, grad);
+    });
+  }
+
+  static ModuleCall<context_type> module_call(context_type& ctx, const LayerCall& call, int module) {
+    return ModuleCall<context_type>{ctx, module, call.step, call.seed, call.training};
+  }
+
+  //! Runs `body`, re-raising any error with the module it happened in.
+  template <class Body>
+  static auto with_module(int module, const char* role, Body&& body) -> decltype(body()) {
+    try {
+      return body();
+    } catch (const Error& e) {
+      DR2NET_FAIL("module ", module, " (layer ", module / 2, ", ", role, "): ", e.detail());
+    } catch (const std::exception& e) {
+      DR2NET_FAIL("module ", module, " (layer ", module / 2, ", ", role, "): ", e.what());
+    }
+  }
+
+  //! The stream as the function's compute type: the stream itself, or a converted copy.
+  static ConstView<C> as_compute(context_type& ctx, ConstView<S> s, TensorView<C> staging) {
+    if constexpr (std::is_same_v<S, C>) {
+      return s;
+    } else {
+      for_each_index(ctx, s.size(), ConvertCopy<S, C>{staging.data(), s.data()});
+      return staging;
+    }
+  }
+
+  template <class Fn>
+  static void module_forward(context_type& ctx, Fn& fn, const char* role, const ModuleCall<context_type>& mc,
+                             Coefficients c, TensorView<S> x, TensorView<S> y, workspace_type& ws,
+                             TensorView<S> keep_input, TensorView<C> keep_saved) {
+    const ConstView<C> in = as_compute(ctx, y, ws.in());
+    with_module(mc.module, role, [&] {
+      if (keep_input.data() != nullptr) {  // standard mode: keep the input and the internals
+        for_each_index(ctx, y.size(), ConvertCopy<S, S>{keep_input.data(), y.data()});
+        fn.recompute(mc, in, ws.f(), keep_saved);
+      } else {
+        fn.forward(mc, in, ws.f(), ws.scratch());
+      }
+    });
+    for_each_index(ctx, x.size(),
+                   ForwardCombine<S, C, A>{x.data(), y.data(), ws.f().data(), static_cast<A>(c.alpha), static_cast<A>(c.beta)});
+  }
+
+  template <class Fn>
+  static void module_inverse(context_type& ctx, Fn& fn, const char* role, const ModuleCall<context_type>& mc,
+                             Coefficients c, TensorView<S> y, TensorView<S> x, workspace_type& ws) {
+    const ConstView<C> in = as_compute(ctx, x, ws.in());
+    with_module(mc.module, role, [&] { fn.forward(mc, in, ws.f(), ws.scratch()); });
+    for_each_index(ctx, y.size(),
+                   InverseCombine<S, C, A>{y.data(), x.data(), ws.f().data(), static_cast<A>(c.alpha), static_cast<A>(c.beta)});
+  }
+
+  //! One module's backward. `in` is the module's input x_i; with Reconstruct, `out` holds
+  //! y_i and becomes x_{i-1}, and F is recomputed into the workspace; otherwise `saved` holds
+  //! F's stored internals.
+  template <bool Reconstruct, class Fn>
+  static void module_backward(context_type& ctx, Fn& fn, const char* role, const ModuleCall<context_type>& mc,
+                              Coefficients c, ConstView<S> in_s, TensorView<S> out, TensorView<S> gx,
+                              TensorView<S> gy, ConstView<C> saved, workspace_type& ws) {
+    const ConstView<C> in = as_compute(ctx, in_s, ws.in());
+    const ConstView<C> gout = as_compute(ctx, gy, ws.gout());
+    const C* jt = nullptr;
+    with_module(mc.module, role, [&] {
+      ConstView<C> internals = saved;
+      if constexpr (Reconstruct) {
+        fn.recompute(mc, in, ws.f(), ws.scratch());
+        internals = ws.scratch();
+      }
+      if constexpr (std::is_same_v<S, C>) {
+        fn.backward(mc, in, internals, gout, gx);  // accumulates J^T gy straight into gx
+      } else {
+        const TensorView<C> gin = ws.gin();
+        for_each_index(ctx, gin.size(), Fill<C>{gin.data(), C(0)});
+        fn.backward(mc, in, internals, gout, gin);
+        jt = gin.data();
+      }
+    });
+    for_each_index(ctx, gx.size(),
+                   BackwardCombine<S, C, A, Reconstruct>{gx.data(), gy.data(), jt, out.data(), in_s.data(),
+                                                         Reconstruct ? ws.f().data() : nullptr,
+                                                         static_cast<A>(c.alpha), static_cast<A>(c.beta)});
+  }
+
+  F f_;
+  G g_;
+};
+
+}  // namespace dr2net

@@ -1,0 +1,146 @@
+#pragma once
+//! \file
+//! Byte accounting by category: what the library measures instead of guessing.
+
+#include <array>
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+#include "dr2net/core/error.hpp"
+
+namespace dr2net {
+
+//! What an allocation holds. The first three are activation memory.
+enum class MemoryCategory : int {
+  Streams = 0,       //!< the two stream buffers and their two gradient buffers
+  Scratch,           //!< one residual function's output and internals, reused module after module
+  SavedActivations,  //!< per-module state kept from forward to backward (standard mode, snapshots)
+  Parameters,        //!< weights
+  Gradients,         //!< parameter gradients
+  Other,             //!< anything else a context allocates (workspaces, staging)
+};
+inline constexpr std::size_t kMemoryCategoryCount = 6;
+
+inline constexpr std::string_view category_name(MemoryCategory c) {
+  switch (c) {
+    case MemoryCategory::Streams: return "streams";
+    case MemoryCategory::Scratch: return "scratch";
+    case MemoryCategory::SavedActivations: return "saved_activations";
+    case MemoryCategory::Parameters: return "parameters";
+    case MemoryCategory::Gradients: return "gradients";
+    case MemoryCategory::Other: return "other";
+  }
+  return "unknown";
+}
+
+inline constexpr bool is_activation(MemoryCategory c) {
+  return c == MemoryCategory::Streams || c == MemoryCategory::Scratch ||
+         c == MemoryCategory::SavedActivations;
+}
+
+//! Current and peak bytes per category, plus peaks of the activation sum and the total.
+//! Peaks of sums are tracked as sums, not added from per-category peaks.
+class MemoryMeter {
+ public:
+  void add(MemoryCategory c, std::size_t bytes) {
+    auto& cur = current_[index(c)];
+    cur += bytes;
+    if (cur > peak_[index(c)]) peak_[index(c)] = cur;
+    total_ += bytes;
+    if (total_ > peak_total_) peak_total_ = total_;
+    if (is_activation(c)) {
+      activation_ += bytes;
+      if (activation_ > peak_activation_) peak_activation_ = activation_;
+    }
+  }
+
+  void remove(MemoryCategory c, std::size_t bytes) {
+    auto& cur = current_[index(c)];
+    DR2NET_CHECK(bytes <= cur, "memory meter: releasing ", bytes, " bytes of ", category_name(c),
+                 " but only ", cur, " are recorded");
+    cur -= bytes;
+    total_ -= bytes;
+    if (is_activation(c)) activation_ -= bytes;
+  }
+
+  std::size_t current(MemoryCategory c) const { return current_[index(c)]; }
+  std::size_t peak(MemoryCategory c) const { return peak_[index(c)]; }
+  std::size_t current_total() const { return total_; }
+  std::size_t peak_total() const { return peak_total_; }
+  std::size_t current_activation() const { return activation_; }
+  std::size_t peak_activation() const { return peak_activation_; }
+
+  //! Starts a new measurement window: peaks become the current values.
+  void reset_peaks() {
+    peak_ = current_;
+    peak_total_ = total_;
+    peak_activation_ = activation_;
+  }
+
+  //! One line per category: "streams: current 1.00 MiB, peak 2.00 MiB".
+  std::string report() const {
+    std::string s;
+    for (std::size_t i = 0; i < kMemoryCategoryCount; ++i) {
+      s += std::string(category_name(static_cast<MemoryCategory>(i))) + ": current " +
+           mib(current_[i]) + ", peak " + mib(peak_[i]) + "\n";
+    }
+    s += "activation: current " + mib(activation_) + ", peak " + mib(peak_activation_) + "\n";
+    s += "total: current " + mib(total_) + ", peak " + mib(peak_total_) + "\n";
+    return s;
+  }
+
+  static std::string mib(std::size_t bytes) {
+    const double m = static_cast<double>(bytes) / (1024.0 * 1024.0);
+    std::string s = std::to_string(m);
+    return s.substr(0, s.find('.') + 3) + " MiB";
+  }
+
+ private:
+  static std::size_t index(MemoryCategory c) { return static_cast<std::size_t>(c); }
+
+  std::array<std::size_t, kMemoryCategoryCount> current_{};
+  std::array<std::size_t, kMemoryCategoryCount> peak_{};
+  std::size_t total_ = 0, peak_total_ = 0;
+  std::size_t activation_ = 0, peak_activation_ = 0;
+};
+
+//! Records bytes that something else owns (a functor's weights) for as long as it lives.
+class MeterReservation {
+ public:
+  MeterReservation() = default;
+  MeterReservation(MemoryMeter& meter, MemoryCategory c, std::size_t bytes)
+      : meter_(&meter), category_(c), bytes_(bytes) {
+    meter_->add(c, bytes);
+  }
+  MeterReservation(MeterReservation&& o) noexcept
+      : meter_(o.meter_), category_(o.category_), bytes_(o.bytes_) {
+    o.meter_ = nullptr;
+  }
+  MeterReservation& operator=(MeterReservation&& o) noexcept {
+    if (this != &o) {
+      release();
+      meter_ = o.meter_;
+      category_ = o.category_;
+      bytes_ = o.bytes_;
+      o.meter_ = nullptr;
+    }
+    return *this;
+  }
+  MeterReservation(const MeterReservation&) = delete;
+  MeterReservation& operator=(const MeterReservation&) = delete;
+  ~MeterReservation() { release(); }
+
+  std::size_t bytes() const noexcept { return meter_ ? bytes_ : 0; }
+
+ private:
+  void release() noexcept {
+    if (meter_) meter_->remove(category_, bytes_);
+    meter_ = nullptr;
+  }
+  MemoryMeter* meter_ = nullptr;
+  MemoryCategory category_ = MemoryCategory::Other;
+  std::size_t bytes_ = 0;
+};
+
+}  // namespace dr2net
