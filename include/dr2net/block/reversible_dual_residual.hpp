@@ -45,12 +45,18 @@ struct LayerCall {
 template <class Ctx, class T>
 using buffer_t = decltype(std::declval<Ctx&>().template allocate<T>(std::size_t{}, MemoryCategory::Other));
 
-//! Per-module state kept from forward to backward in standard mode: each module's input
-//! stream and its residual function's saved internals.
+//! One module's state kept from forward to backward in standard mode: its input stream and
+//! its residual function's saved internals.
+template <class S, class C>
+struct ModuleStorage {
+  TensorView<S> input;
+  TensorView<C> saved;
+};
+
+//! Standard-mode state of a layer's two modules.
 template <class S, class C>
 struct LayerStorage {
-  TensorView<S> input_f, input_g;
-  TensorView<C> saved_f, saved_g;
+  ModuleStorage<S, C> f, g;
 };
 
 //! The temporaries one module needs, sized for the largest function it will serve:
@@ -117,6 +123,14 @@ class ReversibleDualResidual {
   using context_type = context_type_t<F>;
   using workspace_type = ModuleWorkspace<context_type, stream_type, compute_type>;
   using storage_type = LayerStorage<stream_type, compute_type>;
+  using module_storage_type = ModuleStorage<stream_type, compute_type>;
+
+ private:
+  using S = stream_type;
+  using C = compute_type;
+  using A = accumulate_type;
+
+ public:
 
   static_assert(std::is_same_v<typename F::value_type, compute_type>,
                 "dr2net: F::value_type must be the precision policy's compute_type");
@@ -158,20 +172,50 @@ class ReversibleDualResidual {
     return c;
   }
 
-  //! (x, y) <- layer(x, y), in place. With `store`, also keeps each module's input and the
-  //! functions' saved internals there (standard mode); without, functions run with scratch.
-  void forward(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<stream_type> x,
-               TensorView<stream_type> y, workspace_type& ws, const storage_type* store = nullptr) {
-    const int mf = 2 * call.layer, mg = mf + 1;
-    module_forward(ctx, f_, "F", module_call(ctx, call, mf), coefficients(schedule, call.step, mf), x, y, ws,
-                   store ? store->input_f : TensorView<stream_type>{}, store ? store->saved_f : TensorView<compute_type>{});
-    module_forward(ctx, g_, "G", module_call(ctx, call, mg), coefficients(schedule, call.step, mg), y, x, ws,
-                   store ? store->input_g : TensorView<stream_type>{}, store ? store->saved_g : TensorView<compute_type>{});
+  //! One module forward, in place. which = 0 (F): x <- alpha*y + F(y) + beta*x;
+  //! which = 1 (G): y <- alpha*x + G(x) + beta*y. With `store` (standard mode) the module's
+  //! input and its function's saved internals are kept there; without, it runs with scratch.
+  void forward_module(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, int which,
+                      TensorView<S> x, TensorView<S> y, workspace_type& ws, const module_storage_type* store = nullptr) {
+    const int m = module_index(call, which);
+    const Coefficients c = coefficients(schedule, call.step, m);
+    const auto mc = module_call(ctx, call, m);
+    if (which == 0)
+      module_forward(ctx, f_, "F", mc, c, x, y, ws, store);
+    else
+      module_forward(ctx, g_, "G", mc, c, y, x, ws, store);
+  }
+
+  //! One module backward. On entry (x, y) are the streams after the module and (gx, gy) their
+  //! gradients; on exit the gradients are those of the streams before it and the function's
+  //! parameter gradients have been accumulated. With `reconstruct`, the stream the module
+  //! overwrote is reconstructed in the same pass (needs |beta| >= call.min_abs_beta); without,
+  //! it is left as it was. With `store`, the stored input and internals are used (no recompute).
+  void backward_module(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, int which,
+                       bool reconstruct, TensorView<S> x, TensorView<S> y, TensorView<S> gx, TensorView<S> gy,
+                       workspace_type& ws, const module_storage_type* store = nullptr) {
+    const int m = module_index(call, which);
+    DR2NET_CHECK(!(reconstruct && store), "module ", m, ": reconstruction from stored inputs is meaningless");
+    const Coefficients c = reconstruct ? reversible_coefficients(schedule, call.step, m, call.min_abs_beta)
+                                       : coefficients(schedule, call.step, m);
+    const auto mc = module_call(ctx, call, m);
+    // F reads y and wrote x; G reads x and wrote y. Each gradient buffer pairs with its stream.
+    if (which == 0)
+      module_backward(ctx, f_, "F", mc, c, reconstruct, y, x, gy, gx, store, ws);
+    else
+      module_backward(ctx, g_, "G", mc, c, reconstruct, x, y, gx, gy, store, ws);
+  }
+
+  //! (x, y) <- layer(x, y), in place; `store` (standard mode) keeps both modules' state.
+  void forward(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<S> x,
+               TensorView<S> y, workspace_type& ws, const storage_type* store = nullptr) {
+    forward_module(ctx, schedule, call, 0, x, y, ws, store ? &store->f : nullptr);
+    forward_module(ctx, schedule, call, 1, x, y, ws, store ? &store->g : nullptr);
   }
 
   //! (x, y) <- layer^{-1}(x, y), in place: the streams before this layer.
-  void inverse(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<stream_type> x,
-               TensorView<stream_type> y, workspace_type& ws) {
+  void inverse(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<S> x,
+               TensorView<S> y, workspace_type& ws) {
     const int mf = 2 * call.layer, mg = mf + 1;
     const Coefficients cg = reversible_coefficients(schedule, call.step, mg, call.min_abs_beta);
     const Coefficients cf = reversible_coefficients(schedule, call.step, mf, call.min_abs_beta);
@@ -183,23 +227,18 @@ class ReversibleDualResidual {
   //! their gradients; on exit x, y hold the reconstructed input streams and gx, gy the
   //! gradients with respect to them; parameter gradients have been accumulated.
   //! With `store` (standard mode) the stored inputs are used and x, y are not touched.
-  void backward(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<stream_type> x,
-                TensorView<stream_type> y, TensorView<stream_type> gx, TensorView<stream_type> gy,
-                workspace_type& ws, const storage_type* store = nullptr) {
-    const int mf = 2 * call.layer, mg = mf + 1;
-    if (store) {
-      const Coefficients cg = coefficients(schedule, call.step, mg);
-      const Coefficients cf = coefficients(schedule, call.step, mf);
-      module_backward<false>(ctx, g_, "G", module_call(ctx, call, mg), cg, store->input_g, {}, gx, gy, store->saved_g, ws);
-      module_backward<false>(ctx, f_, "F", module_call(ctx, call, mf), cf, store->input_f, {}, gy, gx, store->saved_f, ws);
-      return;
+  void backward(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<S> x,
+                TensorView<S> y, TensorView<S> gx, TensorView<S> gy, workspace_type& ws,
+                const storage_type* store = nullptr) {
+    if (store) {  // check both modules' coefficients before touching anything
+      coefficients(schedule, call.step, 2 * call.layer + 1);
+      coefficients(schedule, call.step, 2 * call.layer);
+    } else {
+      reversible_coefficients(schedule, call.step, 2 * call.layer + 1, call.min_abs_beta);
+      reversible_coefficients(schedule, call.step, 2 * call.layer, call.min_abs_beta);
     }
-    const Coefficients cg = reversible_coefficients(schedule, call.step, mg, call.min_abs_beta);
-    const Coefficients cf = reversible_coefficients(schedule, call.step, mf, call.min_abs_beta);
-    // G: input x_2 in x, output y_2 in y -> y holds x_1, gx holds dL/dy_1, gy holds dL/dx_1.
-    module_backward<true>(ctx, g_, "G", module_call(ctx, call, mg), cg, x, y, gx, gy, {}, ws);
-    // F: input x_1 in y, output y_1 in x -> x holds x_0, gy holds dL/dy_0, gx holds dL/dx_0.
-    module_backward<true>(ctx, f_, "F", module_call(ctx, call, mf), cf, y, x, gy, gx, {}, ws);
+    backward_module(ctx, schedule, call, 1, !store, x, y, gx, gy, ws, store ? &store->g : nullptr);
+    backward_module(ctx, schedule, call, 0, !store, x, y, gx, gy, ws, store ? &store->f : nullptr);
   }
 
   //! Calls visit(name, value, grad) for every parameter, names prefixed by `prefix`.
@@ -210,10 +249,6 @@ class ReversibleDualResidual {
   }
 
  private:
-  using S = stream_type;
-  using C = compute_type;
-  using A = accumulate_type;
-
   static std::string join(std::string_view a, std::string_view b) {
     if (a.empty()) return std::string(b);
     if (b.empty()) return std::string(a);
@@ -226,6 +261,11 @@ class ReversibleDualResidual {
       check_shape(grad, value.shape(), join(prefix, name) + " gradient");
       visit(join(prefix, name), value, grad);
     });
+  }
+
+  static int module_index(const LayerCall& call, int which) {
+    DR2NET_CHECK(which == 0 || which == 1, "module selector must be 0 (F) or 1 (G), got ", which);
+    return 2 * call.layer + which;
   }
 
   static ModuleCall<context_type> module_call(context_type& ctx, const LayerCall& call, int module) {
@@ -257,12 +297,12 @@ class ReversibleDualResidual {
   template <class Fn>
   static void module_forward(context_type& ctx, Fn& fn, const char* role, const ModuleCall<context_type>& mc,
                              Coefficients c, TensorView<S> x, TensorView<S> y, workspace_type& ws,
-                             TensorView<S> keep_input, TensorView<C> keep_saved) {
+                             const module_storage_type* store) {
     const ConstView<C> in = as_compute(ctx, y, ws.in());
     with_module(mc.module, role, [&] {
-      if (keep_input.data() != nullptr) {  // standard mode: keep the input and the internals
-        for_each_index(ctx, y.size(), ConvertCopy<S, S>{keep_input.data(), y.data()});
-        fn.recompute(mc, in, ws.f(), keep_saved);
+      if (store) {  // standard mode: keep the input and the internals
+        for_each_index(ctx, y.size(), ConvertCopy<S, S>{store->input.data(), y.data()});
+        fn.recompute(mc, in, ws.f(), store->saved);
       } else {
         fn.forward(mc, in, ws.f(), ws.scratch());
       }
@@ -280,22 +320,21 @@ class ReversibleDualResidual {
                    InverseCombine<S, C, A>{y.data(), x.data(), ws.f().data(), static_cast<A>(c.alpha), static_cast<A>(c.beta)});
   }
 
-  //! One module's backward. `in` is the module's input x_i; with Reconstruct, `out` holds
-  //! y_i and becomes x_{i-1}, and F is recomputed into the workspace; otherwise `saved` holds
-  //! F's stored internals.
-  template <bool Reconstruct, class Fn>
+  //! One module's backward. `in_s` is the module's input x_i (live stream) and `out` holds
+  //! y_i; with `reconstruct` out becomes x_{i-1}. Without `store` F is recomputed into the
+  //! workspace; with it, the stored input and internals are used.
+  template <class Fn>
   static void module_backward(context_type& ctx, Fn& fn, const char* role, const ModuleCall<context_type>& mc,
-                              Coefficients c, ConstView<S> in_s, TensorView<S> out, TensorView<S> gx,
-                              TensorView<S> gy, ConstView<C> saved, workspace_type& ws) {
-    const ConstView<C> in = as_compute(ctx, in_s, ws.in());
+                              Coefficients c, bool reconstruct, ConstView<S> in_s, TensorView<S> out,
+                              TensorView<S> gx, TensorView<S> gy, const module_storage_type* store,
+                              workspace_type& ws) {
+    const ConstView<S> input = store ? ConstView<S>(store->input) : in_s;
+    const ConstView<C> in = as_compute(ctx, input, ws.in());
     const ConstView<C> gout = as_compute(ctx, gy, ws.gout());
     const C* jt = nullptr;
     with_module(mc.module, role, [&] {
-      ConstView<C> internals = saved;
-      if constexpr (Reconstruct) {
-        fn.recompute(mc, in, ws.f(), ws.scratch());
-        internals = ws.scratch();
-      }
+      ConstView<C> internals = store ? ConstView<C>(store->saved) : ConstView<C>(ws.scratch());
+      if (!store) fn.recompute(mc, in, ws.f(), ws.scratch());
       if constexpr (std::is_same_v<S, C>) {
         fn.backward(mc, in, internals, gout, gx);  // accumulates J^T gy straight into gx
       } else {
@@ -305,10 +344,13 @@ class ReversibleDualResidual {
         jt = gin.data();
       }
     });
-    for_each_index(ctx, gx.size(),
-                   BackwardCombine<S, C, A, Reconstruct>{gx.data(), gy.data(), jt, out.data(), in_s.data(),
-                                                         Reconstruct ? ws.f().data() : nullptr,
-                                                         static_cast<A>(c.alpha), static_cast<A>(c.beta)});
+    const auto alpha = static_cast<A>(c.alpha), beta = static_cast<A>(c.beta);
+    if (reconstruct)
+      for_each_index(ctx, gx.size(),
+                     BackwardCombine<S, C, A, true>{gx.data(), gy.data(), jt, out.data(), in_s.data(), ws.f().data(), alpha, beta});
+    else
+      for_each_index(ctx, gx.size(),
+                     BackwardCombine<S, C, A, false>{gx.data(), gy.data(), jt, nullptr, nullptr, nullptr, alpha, beta});
   }
 
   F f_;

@@ -12,6 +12,7 @@
 
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
+#include "dr2net/core/reconstruction.hpp"
 #include "dr2net/core/tensor.hpp"
 
 namespace dr2net {
@@ -89,6 +90,9 @@ class HostContext {
   MemoryMeter& meter() noexcept { return meter_; }
   const MemoryMeter& meter() const noexcept { return meter_; }
   const HostContextOptions& options() const noexcept { return options_; }
+  //! The reconstruction monitor's report of the latest reversible backward.
+  ReconstructionReport& reconstruction() noexcept { return reconstruction_; }
+  const ReconstructionReport& reconstruction() const noexcept { return reconstruction_; }
 
   template <class T>
   HostBuffer<T> allocate(std::size_t count, MemoryCategory category) {
@@ -128,7 +132,22 @@ class HostContext {
  private:
   HostContextOptions options_;
   MemoryMeter meter_;
+  ReconstructionReport reconstruction_;
 };
+
+//! max_i |a_i - b_i| and max_i |b_i|, in double: the monitor's comparison.
+template <class T>
+std::pair<double, double> max_abs_diff_and_max(HostContext&, const T* a, const T* b, std::size_t n) {
+  double diff = 0, mag = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    diff = d < 0 ? (-d > diff ? -d : diff) : (d > diff ? d : diff);
+    const double m = static_cast<double>(b[i]) < 0 ? -static_cast<double>(b[i]) : static_cast<double>(b[i]);
+    mag = m > mag ? m : mag;
+    if (d != d) diff = d;  // NaN is reported, not hidden by max
+  }
+  return {diff, mag};
+}
 
 //! Runs `fn(i)` for i in [0, n): the host form of an elementwise kernel launch. Block code
 //! calls this with the same functor objects a device backend launches.
