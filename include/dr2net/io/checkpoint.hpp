@@ -1,0 +1,140 @@
+#pragma once
+//! \file
+//! Stack parameters and gradients to and from safetensors checkpoints, and the timm ViT
+//! checkpoint layout (DESIGN §4): `blocks.{i}.norm1.weight`, `blocks.{i}.attn.qkv.weight`, ...
+//!
+//! Loading and saving work on any stack through its (name, value, grad) enumeration, so a
+//! stack of ViT layers reads a timm state dict under timm's own names, and a stack of a
+//! user's functions reads what the same functions wrote.
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "dr2net/core/error.hpp"
+#include "dr2net/core/tensor.hpp"
+#include "dr2net/io/safetensors.hpp"
+
+namespace dr2net::io {
+
+//! Copies every parameter of `stack` from the tensor of the same name (after `prefix`) in
+//! `file`, converting from the file's dtype. Missing tensors are listed all at once; a
+//! tensor of the wrong shape names itself, its shape and the expected one.
+template <class Stack>
+void load_parameters(Stack& stack, const SafetensorsReader& file, std::string_view prefix = "") {
+  std::vector<std::string> names;
+  stack.for_each_parameter([&](std::string_view name, auto, auto) { names.push_back(std::string(prefix) + std::string(name)); });
+  file.require(names);
+  stack.for_each_parameter([&](std::string_view name, auto value, auto) {
+    const std::string full = std::string(prefix) + std::string(name);
+    std::vector<std::int64_t> shape;
+    for (int d = 0; d < value.shape().rank(); ++d) shape.push_back(value.shape()[d]);
+    file.read_into(full, shape, value.data());
+  });
+}
+
+//! Adds every parameter (or, with `gradients`, every parameter gradient) of `stack` to
+//! `out` as `prefix + name`, converted to `dtype`.
+template <class Stack>
+void save_parameters(Stack& stack, SafetensorsWriter& out, DType dtype, std::string_view prefix = "",
+                     bool gradients = false) {
+  stack.for_each_parameter([&](std::string_view name, auto value, auto grad) {
+    const auto& v = gradients ? grad : value;
+    std::vector<std::int64_t> shape;
+    for (int d = 0; d < v.shape().rank(); ++d) shape.push_back(v.shape()[d]);
+    out.add(std::string(prefix) + std::string(name), dtype, shape, v.data());
+  });
+}
+
+//! The sizes of a stack of timm ViT blocks.
+struct TimmVitConfig {
+  int num_layers = 0;
+  std::int64_t dim = 0;
+  int num_heads = 0;
+  std::int64_t hidden = 0;
+};
+
+//! The per-block tensor names of timm's ViT `Block`, with their shapes for (dim D, hidden H).
+inline std::vector<std::pair<std::string, std::vector<std::int64_t>>> timm_block_tensors(std::int64_t D,
+                                                                                          std::int64_t H) {
+  return {{"norm1.weight", {D}},       {"norm1.bias", {D}},       {"attn.qkv.weight", {3 * D, D}},
+          {"attn.qkv.bias", {3 * D}},  {"attn.proj.weight", {D, D}}, {"attn.proj.bias", {D}},
+          {"norm2.weight", {D}},       {"norm2.bias", {D}},       {"mlp.fc1.weight", {H, D}},
+          {"mlp.fc1.bias", {H}},       {"mlp.fc2.weight", {D, H}}, {"mlp.fc2.bias", {D}}};
+}
+
+//! Reads L, D, H from a checkpoint of timm ViT blocks and the head count from the metadata
+//! entry "num_heads" (or `num_heads` when given, which wins). Everything is checked: block
+//! indices 0..L-1 without gaps, every tensor of every block present, every shape consistent
+//! with block 0's width and MLP width, and D divisible by the head count.
+inline TimmVitConfig infer_timm_vit_config(const SafetensorsReader& file, std::optional<int> num_heads = std::nullopt) {
+  std::map<int, int> blocks;  // index -> tensors seen
+  for (const auto& name : file.names()) {
+    if (name.rfind("blocks.", 0) != 0) continue;
+    const auto dot = name.find('.', 7);
+    const std::string index = name.substr(7, dot == std::string::npos ? std::string::npos : dot - 7);
+    DR2NET_CHECK(!index.empty() && index.size() <= 6 && std::all_of(index.begin(), index.end(), [](char ch) { return ch >= '0' && ch <= '9'; }),
+                 "checkpoint tensor '", name, "' does not have a block index after 'blocks.'");
+    ++blocks[std::stoi(index)];
+  }
+  DR2NET_CHECK(!blocks.empty(), "checkpoint holds no 'blocks.{i}.*' tensors (timm ViT names expected)");
+  TimmVitConfig c;
+  c.num_layers = static_cast<int>(blocks.size());
+  DR2NET_CHECK(blocks.rbegin()->first == c.num_layers - 1, "inconsistent block count: ", c.num_layers,
+               " blocks found but the highest index is ", blocks.rbegin()->first, " (indices must be 0..L-1)");
+
+  DR2NET_CHECK(file.contains("blocks.0.norm1.weight") && file.contains("blocks.0.mlp.fc1.weight"),
+               "checkpoint lacks blocks.0.norm1.weight or blocks.0.mlp.fc1.weight: cannot tell the width");
+  const auto& norm = file.record("blocks.0.norm1.weight");
+  const auto& fc1 = file.record("blocks.0.mlp.fc1.weight");
+  DR2NET_CHECK(norm.shape.size() == 1 && norm.shape[0] > 0, "blocks.0.norm1.weight has shape ",
+               format_shape(norm.shape), ", expected [D]");
+  DR2NET_CHECK(fc1.shape.size() == 2 && fc1.shape[0] > 0, "blocks.0.mlp.fc1.weight has shape ",
+               format_shape(fc1.shape), ", expected [H, D]");
+  c.dim = norm.shape[0];
+  c.hidden = fc1.shape[0];
+
+  std::vector<std::string> missing;
+  const auto expected = timm_block_tensors(c.dim, c.hidden);
+  for (int i = 0; i < c.num_layers; ++i) {
+    for (const auto& [suffix, shape] : expected) {
+      const std::string name = "blocks." + std::to_string(i) + "." + suffix;
+      if (!file.contains(name)) {
+        missing.push_back(name);
+        continue;
+      }
+      const auto& got = file.record(name).shape;
+      DR2NET_CHECK(got == shape, "inconsistent width: ", name, " has shape ", format_shape(got), ", expected ",
+                   format_shape(shape), " (D = ", c.dim, ", H = ", c.hidden, " from block 0)");
+    }
+  }
+  if (!missing.empty()) {
+    std::string list;
+    for (const auto& m : missing) list += (list.empty() ? "" : ", ") + m;
+    DR2NET_FAIL("checkpoint is missing ", missing.size(), " tensor(s): ", list);
+  }
+
+  if (num_heads) {
+    c.num_heads = *num_heads;
+  } else {
+    const auto it = file.metadata().find("num_heads");
+    DR2NET_CHECK(it != file.metadata().end(),
+                 "the number of heads is neither given nor in the checkpoint's metadata ('num_heads')");
+    try {
+      std::size_t used = 0;
+      c.num_heads = std::stoi(it->second, &used);
+      DR2NET_CHECK(used == it->second.size(), "trailing characters");
+    } catch (const std::exception&) {
+      DR2NET_FAIL("metadata num_heads = '", it->second, "' is not an integer");
+    }
+  }
+  DR2NET_CHECK(c.num_heads > 0 && c.dim % c.num_heads == 0, "num_heads = ", c.num_heads,
+               " does not divide the width D = ", c.dim);
+  return c;
+}
+
+}  // namespace dr2net::io

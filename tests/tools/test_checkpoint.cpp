@@ -1,0 +1,381 @@
+// timm ViT checkpoints: loading into a stack, the pretrained equivalence at (1, 0) against an
+// independent implementation, bad checkpoints, and the dr2net-vjp tool end to end.
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "dr2net/dr2net.hpp"
+#include "dr2net/io/checkpoint.hpp"
+#include "dr2net/io/safetensors.hpp"
+#include "dr2net/modules/vit.hpp"
+#include "support/test_functors.hpp"
+
+using namespace dr2net;
+namespace fs = std::filesystem;
+
+namespace {
+
+using Tensors = std::map<std::string, std::vector<double>>;
+
+// Random timm-style block tensors: LayerNorm weights near 1, small linear weights.
+Tensors random_checkpoint(int L, std::int64_t D, std::int64_t H, std::mt19937_64& rng) {
+  Tensors t;
+  std::normal_distribution<double> n(0.0, 1.0);
+  for (int i = 0; i < L; ++i) {
+    for (const auto& [suffix, shape] : io::timm_block_tensors(D, H)) {
+      std::size_t count = 1;
+      for (auto s : shape) count *= static_cast<std::size_t>(s);
+      std::vector<double> v(count);
+      const bool norm_weight = suffix.find("norm") == 0 && suffix.find("weight") != std::string::npos;
+      const double scale = shape.size() == 2 ? 1.0 / std::sqrt(double(shape[1])) : 0.1;
+      for (auto& x : v) x = norm_weight ? 1.0 + 0.1 * n(rng) : scale * n(rng);
+      t["blocks." + std::to_string(i) + "." + suffix] = std::move(v);
+    }
+  }
+  return t;
+}
+
+std::vector<std::uint8_t> write(const Tensors& t, std::int64_t D, std::int64_t H, io::DType dtype,
+                                const std::map<std::string, std::string>& meta) {
+  io::SafetensorsWriter w;
+  for (const auto& [k, v] : meta) w.set_metadata(k, v);
+  for (const auto& [name, values] : t) {
+    const auto dot = name.find('.', 7);
+    const std::string suffix = name.substr(dot + 1);
+    for (const auto& [s, shape] : io::timm_block_tensors(D, H))
+      if (s == suffix) w.add(name, dtype, shape, values.data());
+  }
+  return w.to_bytes();
+}
+
+// An independent pre-norm ViT block, written from the definitions with plain loops:
+// h += proj(attn(LN1(h))); h += fc2(gelu(fc1(LN2(h)))).
+struct ReferenceVit {
+  const Tensors& t;
+  std::int64_t B, N, D, H, heads;
+
+  const std::vector<double>& p(int i, const std::string& s) const { return t.at("blocks." + std::to_string(i) + "." + s); }
+
+  std::vector<double> layer_norm(const std::vector<double>& x, const std::vector<double>& w, const std::vector<double>& b) const {
+    std::vector<double> y(x.size());
+    for (std::int64_t r = 0; r < B * N; ++r) {
+      double mean = 0, var = 0;
+      for (std::int64_t k = 0; k < D; ++k) mean += x[r * D + k];
+      mean /= double(D);
+      for (std::int64_t k = 0; k < D; ++k) var += (x[r * D + k] - mean) * (x[r * D + k] - mean);
+      var /= double(D);
+      for (std::int64_t k = 0; k < D; ++k) y[r * D + k] = (x[r * D + k] - mean) / std::sqrt(var + 1e-6) * w[k] + b[k];
+    }
+    return y;
+  }
+  std::vector<double> linear(const std::vector<double>& x, std::int64_t in, std::int64_t out, const std::vector<double>& w,
+                             const std::vector<double>& b) const {
+    std::vector<double> y(static_cast<std::size_t>(B * N * out));
+    for (std::int64_t r = 0; r < B * N; ++r)
+      for (std::int64_t o = 0; o < out; ++o) {
+        double s = b[o];
+        for (std::int64_t k = 0; k < in; ++k) s += x[r * in + k] * w[o * in + k];
+        y[r * out + o] = s;
+      }
+    return y;
+  }
+  std::vector<double> attention(const std::vector<double>& qkv) const {
+    const std::int64_t hd = D / heads;
+    std::vector<double> o(static_cast<std::size_t>(B * N * D));
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < heads; ++h)
+        for (std::int64_t i = 0; i < N; ++i) {
+          std::vector<double> s(static_cast<std::size_t>(N));
+          double mx = -1e300;
+          for (std::int64_t j = 0; j < N; ++j) {
+            double d = 0;
+            for (std::int64_t c = 0; c < hd; ++c)
+              d += qkv[(b * N + i) * 3 * D + h * hd + c] * qkv[(b * N + j) * 3 * D + D + h * hd + c];
+            s[j] = d / std::sqrt(double(hd));
+            mx = std::max(mx, s[j]);
+          }
+          double z = 0;
+          for (auto& v : s) z += (v = std::exp(v - mx));
+          for (std::int64_t c = 0; c < hd; ++c) {
+            double acc = 0;
+            for (std::int64_t j = 0; j < N; ++j) acc += s[j] / z * qkv[(b * N + j) * 3 * D + 2 * D + h * hd + c];
+            o[(b * N + i) * D + h * hd + c] = acc;
+          }
+        }
+    return o;
+  }
+  std::vector<double> run(std::vector<double> h, int L) const {
+    for (int i = 0; i < L; ++i) {
+      auto a = linear(attention(linear(layer_norm(h, p(i, "norm1.weight"), p(i, "norm1.bias")), D, 3 * D,
+                                       p(i, "attn.qkv.weight"), p(i, "attn.qkv.bias"))),
+                      D, D, p(i, "attn.proj.weight"), p(i, "attn.proj.bias"));
+      for (std::size_t k = 0; k < h.size(); ++k) h[k] += a[k];
+      auto u = linear(layer_norm(h, p(i, "norm2.weight"), p(i, "norm2.bias")), D, H, p(i, "mlp.fc1.weight"),
+                      p(i, "mlp.fc1.bias"));
+      for (auto& v : u) v = 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+      auto m = linear(u, H, D, p(i, "mlp.fc2.weight"), p(i, "mlp.fc2.bias"));
+      for (std::size_t k = 0; k < h.size(); ++k) h[k] += m[k];
+    }
+    return h;
+  }
+};
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("dr2net-test-" + std::to_string(rd()) + std::to_string(rd()));
+    fs::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+void write_file(const std::string& path, const std::vector<std::uint8_t>& bytes) {
+  std::ofstream f(path, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+struct ToolResult {
+  int status;
+  std::string err;
+};
+
+ToolResult run_tool(const TempDir& dir, const std::string& args) {
+  const std::string err = dir.file("stderr.txt");
+  const int rc = std::system((std::string(DR2NET_VJP_PATH) + " " + args + " 2> " + err).c_str());
+  std::ifstream f(err);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, ss.str()};
+}
+
+double max_rel(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::abs(a[i] - b[i]));
+    den = std::max(den, std::abs(b[i]));
+  }
+  return num / std::max(den, 1e-300);
+}
+
+}  // namespace
+
+TEST_CASE("a stack loaded from a timm checkpoint is exactly the pretrained ViT at (1, 0)", "[checkpoint]") {
+  std::uint64_t seed;
+  auto rng = dr2net::testing::fresh_rng(seed);
+  INFO("seed " << seed);
+  const int L = 3;
+  const std::int64_t B = 2, N = 5, D = 12, H = 24, heads = 3;
+  const auto tensors = random_checkpoint(L, D, H, rng);
+  for (auto dtype : {io::DType::F64, io::DType::F32}) {
+    const auto file = io::SafetensorsReader::from_bytes(write(tensors, D, H, dtype, {{"num_heads", "3"}}));
+    const auto cfg = io::infer_timm_vit_config(file);
+    CHECK(cfg.num_layers == L);
+    CHECK(cfg.dim == D);
+    CHECK(cfg.hidden == H);
+    CHECK(cfg.num_heads == heads);
+
+    HostContext ctx;
+    ReversibleStack<VitLayer<double, ConstantSchedule>> stack(
+        ctx, make_vit_layers<double, ConstantSchedule>(cfg.num_layers, cfg.dim, cfg.num_heads, cfg.hidden),
+        ConstantSchedule(1.0, 0.0));
+    io::load_parameters(stack, file);
+    const auto h0 = dr2net::testing::random_vector<double>(static_cast<std::size_t>(B * N * D), rng);
+    std::vector<double> out(h0.size());
+    stack.predict(ConstView<double>(h0.data(), Shape{B, N, D}), TensorView<double>(out.data(), Shape{B, N, D}), 0);
+
+    // The reference reads the values exactly as stored (F32 rounding included).
+    Tensors stored;
+    for (const auto& name : file.names()) stored[name] = file.read<double>(name);
+    const auto expected = ReferenceVit{stored, B, N, D, H, heads}.run(h0, L);
+    CHECK(max_rel(out, expected) <= 1e-12);
+
+    // Saving the parameters writes back exactly what was loaded, under the same names.
+    io::SafetensorsWriter w;
+    io::save_parameters(stack, w, io::DType::F64);
+    const auto again = io::SafetensorsReader::from_bytes(w.to_bytes());
+    CHECK(again.names() == file.names());
+    for (const auto& name : file.names()) CHECK(again.read<double>(name) == stored.at(name));
+  }
+}
+
+TEST_CASE("bad checkpoints are clear errors", "[checkpoint]") {
+  std::mt19937_64 rng(1);
+  const std::int64_t D = 8, H = 16;
+  auto t = random_checkpoint(2, D, H, rng);
+  auto file_of = [&](const Tensors& ts, std::map<std::string, std::string> meta = {{"num_heads", "2"}}) {
+    return io::SafetensorsReader::from_bytes(write(ts, D, H, io::DType::F32, meta));
+  };
+  CHECK(io::infer_timm_vit_config(file_of(t)).num_layers == 2);
+
+  auto missing = t;
+  missing.erase("blocks.1.attn.proj.bias");
+  missing.erase("blocks.0.mlp.fc2.weight");
+  CHECK_THROWS_WITH(io::infer_timm_vit_config(file_of(missing)),
+                    Catch::Contains("missing 2 tensor(s)") && Catch::Contains("blocks.1.attn.proj.bias") &&
+                        Catch::Contains("blocks.0.mlp.fc2.weight"));
+
+  auto gap = t;  // blocks 0 and 2 but no block 1
+  for (auto it = gap.begin(); it != gap.end();)
+    if (it->first.rfind("blocks.1.", 0) == 0) {
+      gap["blocks.2." + it->first.substr(9)] = it->second;
+      it = gap.erase(it);
+    } else {
+      ++it;
+    }
+  CHECK_THROWS_WITH(io::infer_timm_vit_config(file_of(gap)), Catch::Contains("inconsistent block count"));
+
+  CHECK_THROWS_WITH(io::infer_timm_vit_config(file_of(t, {})), Catch::Contains("num_heads"));
+  CHECK_THROWS_WITH(io::infer_timm_vit_config(file_of(t, {{"num_heads", "3"}})), Catch::Contains("does not divide"));
+  CHECK_THROWS_WITH(io::infer_timm_vit_config(file_of(t, {{"num_heads", "two"}})), Catch::Contains("not an integer"));
+  CHECK(io::infer_timm_vit_config(file_of(t, {}), 4).num_heads == 4);
+
+  // A block whose width disagrees with block 0.
+  io::SafetensorsWriter w;
+  w.set_metadata("num_heads", "2");
+  for (const auto& [name, values] : t) {
+    const std::string suffix = name.substr(name.find('.', 7) + 1);
+    for (const auto& [s, shape] : io::timm_block_tensors(D, H)) {
+      if (s != suffix) continue;
+      auto sh = shape;
+      if (name == "blocks.1.mlp.fc1.bias") sh = {H - 1};
+      w.add(name, io::DType::F32, sh, values.data());
+    }
+  }
+  CHECK_THROWS_WITH(io::infer_timm_vit_config(io::SafetensorsReader::from_bytes(w.to_bytes())),
+                    Catch::Contains("inconsistent width") && Catch::Contains("blocks.1.mlp.fc1.bias"));
+
+  // Loading into a stack of another width names the tensor and both shapes.
+  HostContext ctx;
+  ReversibleStack<VitLayer<float, ConstantSchedule>> wide(ctx, make_vit_layers<float, ConstantSchedule>(2, 12, 2, 16),
+                                                          ConstantSchedule(1, 0));
+  CHECK_THROWS_WITH(io::load_parameters(wide, file_of(t)), Catch::Contains("blocks.0.norm1.weight"));
+}
+
+TEST_CASE("dr2net-vjp end to end", "[tool]") {
+  std::uint64_t seed;
+  auto rng = dr2net::testing::fresh_rng(seed);
+  INFO("seed " << seed);
+  TempDir dir;
+  const std::int64_t B = 2, N = 7, D = 8, H = 16;
+  const int L = 2;
+  const auto tensors = random_checkpoint(L, D, H, rng);
+  write_file(dir.file("w.safetensors"), write(tensors, D, H, io::DType::BF16, {{"num_heads", "2"}}));
+  const auto x = dr2net::testing::random_vector<double>(static_cast<std::size_t>(B * N * D), rng);
+  const auto dout = dr2net::testing::random_vector<double>(x.size(), rng);
+  {
+    io::SafetensorsWriter w;
+    w.add("x", io::DType::F64, {B, N, D}, x.data());
+    w.add("dout", io::DType::F64, {B, N, D}, dout.data());
+    w.write_file(dir.file("x.safetensors"));
+  }
+  const std::string common = "--weights " + dir.file("w.safetensors") + " --input " + dir.file("x.safetensors") +
+                             " --alpha 0.5 --beta 0.5";
+  std::map<std::string, io::SafetensorsReader> results;
+  for (std::string mode : {"reversible", "standard"})
+    for (std::string prec : {"fp64", "fp32"}) {
+      const std::string out = dir.file(mode + prec + ".safetensors");
+      const auto r = run_tool(dir, common + " --mode " + mode + " --precision " + prec + " --out " + out);
+      INFO(r.err);
+      REQUIRE(r.status == 0);
+      results.emplace(mode + prec, io::SafetensorsReader::from_file(out));
+    }
+  const auto& rev = results.at("reversiblefp64");
+  const auto& std64 = results.at("standardfp64");
+  CHECK(rev.record("out").dtype == io::DType::F64);
+  CHECK(results.at("standardfp32").record("grad.x").dtype == io::DType::F32);
+  std::vector<std::string> expected_names{"grad.x", "out"};
+  for (const auto& [name, v] : tensors) expected_names.push_back("grad." + name);
+  std::sort(expected_names.begin(), expected_names.end());
+  CHECK(rev.names() == expected_names);
+  for (const auto& name : expected_names) {
+    INFO(name);
+    CHECK(max_rel(rev.read<double>(name), std64.read<double>(name)) <= 1e-10);
+    CHECK(max_rel(results.at("reversiblefp32").read<double>(name), std64.read<double>(name)) <= 1e-3);
+  }
+
+  // fp64 output round-trips: what the file holds is bit for bit what the library computes.
+  const auto file = io::SafetensorsReader::from_file(dir.file("w.safetensors"));
+  HostContext ctx;
+  ReversibleStack<VitLayer<double, ConstantSchedule>> stack(
+      ctx, make_vit_layers<double, ConstantSchedule>(L, D, 2, H), ConstantSchedule(0.5, 0.5), {.mode = BackpropMode::Standard});
+  io::load_parameters(stack, file);
+  std::vector<double> out(x.size()), dx(x.size());
+  stack.zero_grad();
+  stack.forward(ConstView<double>(x.data(), Shape{B, N, D}), TensorView<double>(out.data(), Shape{B, N, D}), 0);
+  stack.backward(ConstView<double>(dout.data(), Shape{B, N, D}), TensorView<double>(dx.data(), Shape{B, N, D}));
+  CHECK(std64.read<double>("out") == out);
+  CHECK(std64.read<double>("grad.x") == dx);
+  for (auto& p : stack.parameters())
+    CHECK(std64.read<double>("grad." + p.name) == std::vector<double>(p.grad.data(), p.grad.data() + p.grad.size()));
+}
+
+TEST_CASE("dr2net-vjp rejects bad input with one line and a non-zero status", "[tool]") {
+  TempDir dir;
+  std::mt19937_64 rng(3);
+  const std::int64_t D = 8, H = 16;
+  const auto tensors = random_checkpoint(1, D, H, rng);
+  const auto good = write(tensors, D, H, io::DType::F32, {{"num_heads", "2"}});
+  write_file(dir.file("w.safetensors"), good);
+  write_file(dir.file("nometa.safetensors"), write(tensors, D, H, io::DType::F32, {}));
+  write_file(dir.file("truncated.safetensors"), std::vector<std::uint8_t>(good.begin(), good.begin() + 5));
+  write_file(dir.file("cut.safetensors"), std::vector<std::uint8_t>(good.begin(), good.end() - 9));
+  const std::vector<double> x(2 * 3 * D, 0.25), narrow(2 * 3 * (D - 1), 0.25);
+  {
+    io::SafetensorsWriter w;
+    w.add("x", io::DType::F32, {2, 3, D}, x.data());
+    w.add("dout", io::DType::F32, {2, 3, D}, x.data());
+    w.write_file(dir.file("x.safetensors"));
+  }
+  {
+    io::SafetensorsWriter w;
+    w.add("x", io::DType::F32, {2, 3, D - 1}, narrow.data());
+    w.add("dout", io::DType::F32, {2, 3, D - 1}, narrow.data());
+    w.write_file(dir.file("narrow.safetensors"));
+  }
+  {
+    io::SafetensorsWriter w;
+    w.add("x", io::DType::F32, {2, 3, D}, x.data());
+    w.write_file(dir.file("nodout.safetensors"));
+  }
+  const std::string W = " --weights " + dir.file("w.safetensors"), X = " --input " + dir.file("x.safetensors"),
+                    O = " --out " + dir.file("r.safetensors"), AB = " --alpha 1 --beta 0.5";
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {W + X + O + AB + " --mode sideways", "--mode"},
+      {W + X + O + AB + " --precision fp16", "--precision"},
+      {W + X + O + " --alpha 1 --beta nan", "--beta"},
+      {W + X + O + " --beta 0.5", "missing --alpha"},
+      {X + O + AB, "missing --weights"},
+      {W + X + O + AB + " --frobnicate 1", "unknown argument"},
+      {W + X + O + AB + " --backend cuda", "CUDA"},
+      {" --weights " + dir.file("absent.safetensors") + X + O + AB, "absent.safetensors"},
+      {" --weights " + dir.file("truncated.safetensors") + X + O + AB, "truncated"},
+      {" --weights " + dir.file("cut.safetensors") + X + O + AB, "data"},
+      {" --weights " + dir.file("nometa.safetensors") + X + O + AB, "num_heads"},
+      {W + " --input " + dir.file("narrow.safetensors") + O + AB, "expected [B, N, 8]"},
+      {W + " --input " + dir.file("nodout.safetensors") + O + AB, "dout"},
+      {W + X + O + " --alpha 1 --beta 0", "not reversible"},
+      {W + X + " --out " + dir.file("no/such/dir/r.safetensors") + AB, "no/such/dir"},
+  };
+  for (const auto& [args, needle] : cases) {
+    INFO(args);
+    const auto r = run_tool(dir, args);
+    INFO(r.err);
+    CHECK(r.status != 0);
+    CHECK(r.err.find(needle) != std::string::npos);
+    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+  }
+}
