@@ -57,7 +57,7 @@ enum class StackOutput {
 //! when the caller passes it): it rises at once to the worst measured ratio and decays slowly.
 struct ErrorBoundOptions {
   double tolerance = 1e-5;              //!< target relative error of the gradients
-  double reconstruction_budget = 0.1;   //!< allowed relative stream error, as a fraction of tolerance
+  double reconstruction_budget = 0.3;   //!< allowed relative stream error, as a fraction of tolerance
   double lipschitz = 0.0;               //!< prior bound on |eigenvalues| of the functions' Jacobians
   double initial_error_scale = 8.0;     //!< error_scale before anything was measured
   double error_scale_decay = 0.7;       //!< per-step decay of error_scale toward what is measured
