@@ -51,7 +51,8 @@ enum class StackOutput {
 //! How error-bounded mode places snapshots. Reconstructing module m multiplies the error of
 //! the streams by about g_m, the largest |root| of beta*l^2 + (|alpha| + lipschitz)*l - 1 = 0.
 //! Walking down from the output, a snapshot is stored at boundary m as soon as the predicted
-//! relative error there, error_scale * u * prod(g) (u: unit roundoff of the stream type),
+//! relative error there, error_scale * u * prod(g) (u: the larger unit roundoff of the stream
+//! and compute types),
 //! would exceed tolerance * reconstruction_budget. After every backward, error_scale is
 //! corrected from the errors actually measured at the snapshot boundaries (and against h0
 //! when the caller passes it): it rises at once to the worst measured ratio and decays slowly.
@@ -313,6 +314,12 @@ class ReversibleStack {
     return mag > 0 ? std::max(ea, eb) / mag : std::max(ea, eb);
   }
 
+  //! The rounding unit of the planning model. With wider streams than compute (fp64 streams,
+  //! fp32 functions) the stream arithmetic is nearly exact, but a reconstructed input that
+  //! differs from the original in the last fp64 bits can round to another fp32 value, and F
+  //! then differs at fp32 level: the compute type's unit is the honest one.
+  static double roundoff() { return std::max(unit_roundoff<S>(), unit_roundoff<C>()); }
+
   //! error_scale follows the worst measured ratio of actual to predicted error at once when it
   //! rises, and decays toward it slowly when it falls; without measurements it stays.
   void update_error_scale(const std::vector<std::pair<double, double>>& measured) {
@@ -320,7 +327,7 @@ class ReversibleStack {
     bool any = false;
     for (const auto& [rel, amp] : measured) {
       if (!(amp > 0) || !std::isfinite(amp)) continue;
-      const double ratio = std::isfinite(rel) ? rel / (unit_roundoff<S>() * amp) : std::numeric_limits<double>::max();
+      const double ratio = std::isfinite(rel) ? rel / (roundoff() * amp) : std::numeric_limits<double>::max();
       worst = std::max(worst, ratio);
       any = true;
     }
@@ -344,7 +351,7 @@ class ReversibleStack {
     }
     if (forward_mode_ != BackpropMode::ErrorBounded) return;
     const double budget = eb.tolerance * eb.reconstruction_budget;
-    const double base = error_scale_ * unit_roundoff<S>();
+    const double base = error_scale_ * roundoff();
     double amp = 1;
     for (std::size_t m = M - 1; m >= 1; --m) {  // boundary 0 is h0: never stored
       amp *= growth_[m];
