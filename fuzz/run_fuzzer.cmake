@@ -1,0 +1,27 @@
+# Runs the safetensors fuzzer once for ctest (cmake -P). Arguments:
+#   FUZZER     the fuzzer executable
+#   SEED_DIR   the generated seed corpus (only read)
+#   WORK_DIR   scratch space under the build tree: libFuzzer adds the inputs it
+#              finds to its first corpus directory and writes crash artifacts,
+#              so both go here, emptied first to keep runs reproducible
+#   RUNS       number of inputs to try
+# A crash, sanitizer report, timeout or oversized allocation makes libFuzzer
+# exit non-zero, which fails the test.
+foreach(var FUZZER SEED_DIR WORK_DIR RUNS)
+  if(NOT DEFINED ${var})
+    message(FATAL_ERROR "run_fuzzer.cmake: ${var} is not set")
+  endif()
+endforeach()
+
+file(REMOVE_RECURSE "${WORK_DIR}")
+file(MAKE_DIRECTORY "${WORK_DIR}/corpus" "${WORK_DIR}/artifacts")
+
+execute_process(
+  COMMAND "${FUZZER}" "${WORK_DIR}/corpus" "${SEED_DIR}"
+          -runs=${RUNS} -max_len=4096 -seed=1 -timeout=10 -rss_limit_mb=2048
+          -malloc_limit_mb=256 -print_final_stats=1
+          "-artifact_prefix=${WORK_DIR}/artifacts/"
+  RESULT_VARIABLE result)
+if(NOT result EQUAL 0)
+  message(FATAL_ERROR "safetensors fuzzer failed (exit ${result}); reproducer in ${WORK_DIR}/artifacts/")
+endif()
