@@ -1,0 +1,177 @@
+#pragma once
+//! \file
+//! Row-major host GEMM, C = alpha * op(A) * op(B) + beta * C, for float and double.
+//!
+//! With the macro DR2NET_HAVE_CBLAS (CMake target dr2net_cblas) it calls cblas_sgemm /
+//! cblas_dgemm; otherwise a cache-blocked, register-tiled loop implementation runs. Both
+//! follow BLAS semantics: beta == 0 overwrites C without reading it (so NaN-poisoned output
+//! buffers are fine), and k == 0 only scales C.
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "dr2net/core/error.hpp"
+
+#if defined(DR2NET_HAVE_CBLAS)
+#include <cblas.h>
+#endif
+
+namespace dr2net {
+
+//! Whether a GEMM operand is used as stored or transposed.
+enum class Transpose : bool { No = false, Yes = true };
+
+//! Which implementation host_gemm uses in this build.
+inline constexpr std::string_view host_gemm_backend() {
+#if defined(DR2NET_HAVE_CBLAS)
+  return "cblas";
+#else
+  return "blocked loops";
+#endif
+}
+
+namespace detail {
+
+//! Tile sizes of the loop GEMM. The MR x NR accumulator tile stays in registers (NR spans
+//! 32 bytes per row); KC x NR panels of B stay in L1, MC x KC panels of A in L2.
+template <class T>
+struct GemmTiles {
+  static constexpr std::int64_t MR = 4;
+  static constexpr std::int64_t NR = static_cast<std::int64_t>(32 / sizeof(T));
+  static constexpr std::int64_t KC = 256;
+  static constexpr std::int64_t MC = 64;
+  static constexpr std::int64_t NC = 1024;
+};
+
+//! Throws unless the sizes and leading dimensions describe valid row-major operands.
+inline void check_gemm_args(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k,
+                            std::int64_t lda, std::int64_t ldb, std::int64_t ldc) {
+  DR2NET_CHECK(m >= 0 && n >= 0 && k >= 0, "gemm: negative size m = ", m, ", n = ", n, ", k = ", k);
+  // A stored as [m, k] (No) or [k, m] (Yes): its rows hold k or m elements; likewise B.
+  const std::int64_t a_cols = ta == Transpose::No ? k : m, b_cols = tb == Transpose::No ? n : k;
+  DR2NET_CHECK(lda >= std::max<std::int64_t>(1, a_cols), "gemm: lda = ", lda, " is below A's row length ", a_cols);
+  DR2NET_CHECK(ldb >= std::max<std::int64_t>(1, b_cols), "gemm: ldb = ", ldb, " is below B's row length ", b_cols);
+  DR2NET_CHECK(ldc >= std::max<std::int64_t>(1, n), "gemm: ldc = ", ldc, " is below C's row length ", n);
+}
+
+//! op(X)[r, c] of a row-major X with leading dimension ld.
+template <class T>
+inline T op_at(const T* x, std::int64_t ld, Transpose t, std::int64_t r, std::int64_t c) {
+  return t == Transpose::No ? x[r * ld + c] : x[c * ld + r];
+}
+
+//! acc[MR][NR] += Ap (kc x MR, k-major) * Bp (kc x NR, k-major); then C's mr x nr corner += acc.
+template <class T>
+inline void gemm_micro_kernel(std::int64_t kc, const T* __restrict ap, const T* __restrict bp, T* c,
+                              std::int64_t ldc, std::int64_t mr, std::int64_t nr) {
+  constexpr std::int64_t MR = GemmTiles<T>::MR, NR = GemmTiles<T>::NR;
+  T acc[MR][NR] = {};
+  for (std::int64_t p = 0; p < kc; ++p) {
+    const T* a = ap + p * MR;
+    const T* b = bp + p * NR;
+    for (std::int64_t i = 0; i < MR; ++i)
+      for (std::int64_t j = 0; j < NR; ++j) acc[i][j] += a[i] * b[j];
+  }
+  for (std::int64_t i = 0; i < mr; ++i)
+    for (std::int64_t j = 0; j < nr; ++j) c[i * ldc + j] += acc[i][j];
+}
+
+//! The loop implementation: C already scaled by beta; adds alpha * op(A) * op(B).
+template <class T>
+void gemm_blocked(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
+                  std::int64_t lda, const T* b, std::int64_t ldb, T* c, std::int64_t ldc) {
+  using Tiles = GemmTiles<T>;
+  constexpr std::int64_t MR = Tiles::MR, NR = Tiles::NR, KC = Tiles::KC, MC = Tiles::MC, NC = Tiles::NC;
+  // Packed panels, zero-padded to whole tiles so the micro-kernel never branches on edges.
+  // Kept per thread and only grown: attention issues many small GEMMs per layer.
+  thread_local std::vector<T> bpack, apack;
+  const std::int64_t kmax = std::min(KC, k);
+  const auto round_up = [](std::int64_t x, std::int64_t r) { return (x + r - 1) / r * r; };
+  const auto bsize = static_cast<std::size_t>(kmax * round_up(std::min(NC, n), NR));
+  const auto asize = static_cast<std::size_t>(kmax * round_up(std::min(MC, m), MR));
+  if (bpack.size() < bsize) bpack.resize(bsize);
+  if (apack.size() < asize) apack.resize(asize);
+  for (std::int64_t jc = 0; jc < n; jc += NC) {
+    const std::int64_t nc = std::min(NC, n - jc);
+    for (std::int64_t pc = 0; pc < k; pc += KC) {
+      const std::int64_t kc = std::min(KC, k - pc);
+      // B panel: strips of NR columns, each stored kc x NR row by row.
+      for (std::int64_t j0 = 0; j0 < nc; j0 += NR) {
+        T* dst = bpack.data() + j0 * kc;
+        const std::int64_t nr = std::min(NR, nc - j0);
+        for (std::int64_t p = 0; p < kc; ++p)
+          for (std::int64_t j = 0; j < NR; ++j)
+            dst[p * NR + j] = j < nr ? op_at(b, ldb, tb, pc + p, jc + j0 + j) : T(0);
+      }
+      for (std::int64_t ic = 0; ic < m; ic += MC) {
+        const std::int64_t mc = std::min(MC, m - ic);
+        // A panel: strips of MR rows, each stored kc x MR column by column, alpha folded in.
+        for (std::int64_t i0 = 0; i0 < mc; i0 += MR) {
+          T* dst = apack.data() + i0 * kc;
+          const std::int64_t mr = std::min(MR, mc - i0);
+          for (std::int64_t p = 0; p < kc; ++p)
+            for (std::int64_t i = 0; i < MR; ++i)
+              dst[p * MR + i] = i < mr ? alpha * op_at(a, lda, ta, ic + i0 + i, pc + p) : T(0);
+        }
+        for (std::int64_t i0 = 0; i0 < mc; i0 += MR)
+          for (std::int64_t j0 = 0; j0 < nc; j0 += NR)
+            gemm_micro_kernel<T>(kc, apack.data() + i0 * kc, bpack.data() + j0 * kc, c + (ic + i0) * ldc + jc + j0,
+                                 ldc, std::min(MR, mc - i0), std::min(NR, nc - j0));
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+//! The loop implementation alone (what host_gemm runs without CBLAS), same contract.
+template <class T>
+void host_gemm_loops(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha,
+                     const T* a, std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
+  detail::check_gemm_args(ta, tb, m, n, k, lda, ldb, ldc);
+  if (m == 0 || n == 0) return;
+  // C <- beta * C first; beta == 0 must not read C (it may hold NaN poison).
+  if (beta != T(1)) {
+    for (std::int64_t i = 0; i < m; ++i) {
+      T* row = c + i * ldc;
+      if (beta == T(0)) std::fill(row, row + n, T(0));
+      else
+        for (std::int64_t j = 0; j < n; ++j) row[j] *= beta;
+    }
+  }
+  if (k == 0 || alpha == T(0)) return;
+  detail::gemm_blocked(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+}
+
+//! C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C, all row-major with leading
+//! dimensions lda, ldb, ldc (elements between consecutive rows as stored). op(X) = X or X^T.
+//! beta == 0 writes C without reading it.
+template <class T>
+void host_gemm(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
+               std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "host_gemm supports float and double");
+  detail::check_gemm_args(ta, tb, m, n, k, lda, ldb, ldc);
+  if (m == 0 || n == 0) return;
+#if defined(DR2NET_HAVE_CBLAS)
+  constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
+  DR2NET_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax,
+               "gemm: sizes (m = ", m, ", n = ", n, ", k = ", k, ") exceed CBLAS's int range");
+  const auto cta = ta == Transpose::No ? CblasNoTrans : CblasTrans;
+  const auto ctb = tb == Transpose::No ? CblasNoTrans : CblasTrans;
+  if constexpr (std::is_same_v<T, float>)
+    cblas_sgemm(CblasRowMajor, cta, ctb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+                static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+  else
+    cblas_dgemm(CblasRowMajor, cta, ctb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+                static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+#else
+  host_gemm_loops<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#endif
+}
+
+}  // namespace dr2net

@@ -1,0 +1,104 @@
+#pragma once
+//! \file
+//! Drop-path (stochastic depth) and dropout masks from Philox, replayable without state.
+//!
+//! Drop-path keeps each sample b of the function's output with probability 1 - p_path and
+//! scales the kept ones by 1/(1 - p_path) (timm's DropPath); dropout does the same per
+//! element with p_drop. Both draw from the Philox stream of (seed, step, module, purpose)
+//! (see core/philox.hpp): the decision for element i is a pure function of those and i, so
+//! the reversible backward's recomputation, the backward's gradient masking and a device
+//! kernel all see the same mask.
+//!
+//!   keep_i = (bits_i >> 8) < round((1 - p) * 2^24)       (integer test: no float ties)
+//!   out_i  = f_i * [keep_path(b(i))] / (1 - p_path) * [keep_drop(i)] / (1 - p_drop)
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "dr2net/block/residual_function.hpp"
+#include "dr2net/core/config.hpp"
+#include "dr2net/core/error.hpp"
+#include "dr2net/core/philox.hpp"
+
+namespace dr2net {
+
+//! Throws unless p is a drop rate in [0, 1); `what` and `owner` name it in the message.
+inline void check_drop_rate(double p, const char* what, const char* owner) {
+  DR2NET_CHECK(std::isfinite(p) && p >= 0.0 && p < 1.0, owner, ": ", what, " must lie in [0, 1), got ", p);
+}
+
+//! The 24-bit keep threshold of drop rate p: an element is kept iff (bits >> 8) < threshold.
+inline std::uint32_t keep_threshold(double p) {
+  return static_cast<std::uint32_t>(std::llround((1.0 - p) * 16777216.0));
+}
+
+//! The keep decision shared by host and device.
+DR2NET_HD_INLINE bool keep_element(std::uint32_t bits, std::uint32_t threshold) { return (bits >> 8) < threshold; }
+
+//! The factor each output element is multiplied by: 0 for dropped elements, the inverse
+//! keep probabilities otherwise. Evaluated per element on host and device alike.
+template <class T>
+struct DropScale {
+  PhiloxStream path_stream{};     //!< one draw per sample
+  PhiloxStream element_stream{};  //!< one draw per element
+  std::uint64_t sample_elements = 1;  //!< elements per sample: sample of element i is i / sample_elements
+  std::uint32_t path_threshold = 0, element_threshold = 0;
+  T path_scale = T(1), element_scale = T(1);
+  bool path = false, element = false;
+
+  //! Whether any mask applies (false at inference and at rate 0: then the factor is 1).
+  DR2NET_HD_INLINE bool active() const { return path || element; }
+
+  DR2NET_HD_INLINE T operator()(std::uint64_t i) const {
+    T f = T(1);
+    if (path) {
+      if (!keep_element(path_stream.bits(i / sample_elements), path_threshold)) return T(0);
+      f = path_scale;
+    }
+    if (element) {
+      if (!keep_element(element_stream.bits(i), element_threshold)) return T(0);
+      f *= element_scale;
+    }
+    return f;
+  }
+};
+
+//! dst[i] = src[i] * scale(i) (dst may be src).
+template <class T>
+struct ApplyDropScale {
+  T* dst;
+  const T* src;
+  DropScale<T> scale;
+  DR2NET_HD_INLINE void operator()(std::size_t i) const { dst[i] = src[i] * scale(static_cast<std::uint64_t>(i)); }
+};
+
+//! The masks of one call of a residual function: drop-path with rate `drop_path` over samples
+//! of `sample_elements` elements, and dropout with rate `dropout` drawn for `purpose`.
+//! Inactive (factor 1) when the call is not training or both rates are 0.
+template <class T, class Ctx>
+DropScale<T> make_drop_scale(const ModuleCall<Ctx>& call, double drop_path, double dropout, RandomPurpose purpose,
+                             std::uint64_t sample_elements) {
+  DropScale<T> s;
+  if (!call.training) return s;
+  DR2NET_CHECK(call.module >= 0 && static_cast<std::uint64_t>(call.module) <= kMaxRandomModule,
+               "module index ", call.module, " is outside the random stream layout's range [0, ", kMaxRandomModule, "]");
+  DR2NET_CHECK(sample_elements > 0, "drop-path needs a positive number of elements per sample");
+  const auto module = static_cast<std::uint32_t>(call.module);
+  if (drop_path > 0) {
+    s.path = true;
+    s.path_stream = make_philox_stream(call.seed, call.step, module, RandomPurpose::DropPath);
+    s.path_threshold = keep_threshold(drop_path);
+    s.path_scale = static_cast<T>(1.0 / (1.0 - drop_path));
+    s.sample_elements = sample_elements;
+  }
+  if (dropout > 0) {
+    s.element = true;
+    s.element_stream = make_philox_stream(call.seed, call.step, module, purpose);
+    s.element_threshold = keep_threshold(dropout);
+    s.element_scale = static_cast<T>(1.0 / (1.0 - dropout));
+  }
+  return s;
+}
+
+}  // namespace dr2net

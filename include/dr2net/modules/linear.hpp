@@ -1,0 +1,71 @@
+#pragma once
+//! \file
+//! Linear<T>: a fully connected layer as PyTorch stores it, weight [out, in] and bias [out],
+//! y = x W^T + b over rows of x, with its backward. GEMMs go through host_gemm.
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "dr2net/backend/host/gemm.hpp"
+#include "dr2net/core/error.hpp"
+#include "dr2net/modules/parameter.hpp"
+
+namespace dr2net {
+
+template <class T>
+class Linear {
+ public:
+  //! `name` is the layer's path ("attn.qkv"); its tensors are "<name>.weight", "<name>.bias".
+  Linear(const std::string& name, std::int64_t in_features, std::int64_t out_features)
+      : in_(in_features), out_(out_features), weight_(name + ".weight", Shape{out_features, in_features}),
+        bias_(name + ".bias", Shape{out_features}) {
+    DR2NET_CHECK(in_features > 0 && out_features > 0, "linear layer ", name, ": sizes must be positive, got in = ",
+                 in_features, ", out = ", out_features);
+  }
+
+  std::int64_t in_features() const noexcept { return in_; }
+  std::int64_t out_features() const noexcept { return out_; }
+  Parameter<T>& weight() noexcept { return weight_; }
+  Parameter<T>& bias() noexcept { return bias_; }
+  const Parameter<T>& weight() const noexcept { return weight_; }
+  const Parameter<T>& bias() const noexcept { return bias_; }
+
+  //! timm's ViT initialisation: weight ~ trunc_normal(std 0.02), bias 0.
+  void init(std::uint64_t seed, std::uint32_t tag, double std = 0.02) {
+    weight_.fill_truncated_normal(std, 2.0, seed, tag);
+    bias_.fill(T(0));
+  }
+
+  //! y[rows, out] = x[rows, in] W^T + b
+  void forward(const T* x, std::int64_t rows, T* y) const {
+    for (std::int64_t r = 0; r < rows; ++r) std::copy(bias_.data(), bias_.data() + out_, y + r * out_);
+    host_gemm<T>(Transpose::No, Transpose::Yes, rows, out_, in_, T(1), x, in_, weight_.data(), in_, T(1), y, out_);
+  }
+
+  //! Given x and dy = dL/dy: dW += dy^T x, db += sum over rows of dy, and (when dx is not
+  //! null) dx = dy W, overwritten.
+  void backward(const T* x, const T* dy, std::int64_t rows, T* dx) {
+    host_gemm<T>(Transpose::Yes, Transpose::No, out_, in_, rows, T(1), dy, out_, x, in_, T(1), weight_.grad_data(),
+                 in_);
+    T* gb = bias_.grad_data();
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t j = 0; j < out_; ++j) gb[j] += dy[r * out_ + j];
+    if (dx != nullptr)
+      host_gemm<T>(Transpose::No, Transpose::No, rows, in_, out_, T(1), dy, out_, weight_.data(), in_, T(0), dx, in_);
+  }
+
+  //! fn(Parameter<T>&) for weight, then bias.
+  template <class Fn>
+  void for_each_parameter_object(Fn&& fn) {
+    fn(weight_);
+    fn(bias_);
+  }
+
+ private:
+  std::int64_t in_, out_;
+  Parameter<T> weight_, bias_;
+};
+
+}  // namespace dr2net
