@@ -209,6 +209,22 @@ TEST_CASE("a stack loaded from a timm checkpoint is exactly the pretrained ViT a
     const auto again = io::SafetensorsReader::from_bytes(w.to_bytes());
     CHECK(again.names() == file.names());
     for (const auto& name : file.names()) CHECK(again.read<double>(name) == stored.at(name));
+
+    // Gradients travel under the same names with a prefix, both ways.
+    stack.zero_grad();
+    std::vector<double> dout(h0.size(), 1.0), dh(h0.size());
+    stack.set_mode(BackpropMode::Standard);
+    stack.forward(ConstView<double>(h0.data(), Shape{B, N, D}), TensorView<double>(out.data(), Shape{B, N, D}), 0);
+    stack.backward(ConstView<double>(dout.data(), Shape{B, N, D}), TensorView<double>(dh.data(), Shape{B, N, D}));
+    io::SafetensorsWriter gw;
+    io::save_parameters(stack, gw, io::DType::F64, "grad.", /*gradients=*/true);
+    const auto grads = io::SafetensorsReader::from_bytes(gw.to_bytes());
+    std::vector<std::vector<double>> before;
+    for (auto& p : stack.parameters()) before.emplace_back(p.grad.data(), p.grad.data() + p.grad.size());
+    stack.zero_grad();
+    io::load_parameters(stack, grads, "grad.", /*gradients=*/true);
+    std::size_t k = 0;
+    for (auto& p : stack.parameters()) CHECK(std::vector<double>(p.grad.data(), p.grad.data() + p.grad.size()) == before[k++]);
   }
 }
 

@@ -21,19 +21,21 @@
 
 namespace dr2net::io {
 
-//! Copies every parameter of `stack` from the tensor of the same name (after `prefix`) in
-//! `file`, converting from the file's dtype. Missing tensors are listed all at once; a
-//! tensor of the wrong shape names itself, its shape and the expected one.
+//! Copies every parameter (or, with `gradients`, every parameter gradient) of `stack` from
+//! the tensor named `prefix + name` in `file`, converting from the file's dtype. Missing
+//! tensors are listed all at once, before anything is written; a tensor of the wrong shape
+//! names itself, its shape and the expected one.
 template <class Stack>
-void load_parameters(Stack& stack, const SafetensorsReader& file, std::string_view prefix = "") {
+void load_parameters(Stack& stack, const SafetensorsReader& file, std::string_view prefix = "",
+                     bool gradients = false) {
   std::vector<std::string> names;
   stack.for_each_parameter([&](std::string_view name, auto, auto) { names.push_back(std::string(prefix) + std::string(name)); });
   file.require(names);
-  stack.for_each_parameter([&](std::string_view name, auto value, auto) {
-    const std::string full = std::string(prefix) + std::string(name);
+  stack.for_each_parameter([&](std::string_view name, auto value, auto grad) {
+    const auto& dst = gradients ? grad : value;
     std::vector<std::int64_t> shape;
-    for (int d = 0; d < value.shape().rank(); ++d) shape.push_back(value.shape()[d]);
-    file.read_into(full, shape, value.data());
+    for (int d = 0; d < dst.shape().rank(); ++d) shape.push_back(dst.shape()[d]);
+    file.read_into(std::string(prefix) + std::string(name), shape, dst.data());
   });
 }
 
