@@ -81,10 +81,17 @@ struct ParameterVisitorArchetype {
 template <class F>
 using context_type_t = typename detail::context_of<F>::type;
 
+//! Types a residual function may compute in: the standard floating types, and any type a
+//! backend declares by specialising this trait (a device backend's bf16 and fp16 types).
+template <class T>
+struct is_compute_type : std::is_floating_point<T> {};
+template <class T>
+inline constexpr bool is_compute_type_v = is_compute_type<T>::value;
+
 // One concept per requirement, so a failed check can say which member is missing.
 
 template <class F>
-concept HasFloatingValueType = std::is_floating_point_v<typename detail::value_type_of<F>::type>;
+concept HasFloatingValueType = is_compute_type_v<typename detail::value_type_of<F>::type>;
 
 template <class F, class T = typename detail::value_type_of<F>::type>
 concept HasSavedElements = requires(const F& f, const Shape& s) {
