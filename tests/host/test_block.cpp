@@ -296,6 +296,20 @@ TEST_CASE("reversible activation memory does not grow with depth; standard grows
   CHECK(s8 > s2);
   CHECK(s32 - s8 == 4 * (s8 - s2));  // 24 more layers cost 4x what 6 more layers cost
   CHECK(s32 > 10 * r32);
+
+  // Switching a stack from standard to reversible mode frees the standard-mode storage.
+  HostContext ctx;
+  ReversibleStack<Block<T>> stack(ctx, make_layers<T>(8, 8, rng), ConstantSchedule(0.0, 1.0), {.mode = BackpropMode::Standard});
+  const auto h0 = dr2net::testing::random_vector<T>(n, rng);
+  std::vector<T> out(n), dh(n);
+  stack.forward(ConstView<T>(h0.data(), shape), TensorView<T>(out.data(), shape), 0);
+  CHECK(ctx.meter().current(MemoryCategory::SavedActivations) > 0);
+  stack.set_mode(BackpropMode::Reversible);
+  stack.forward(ConstView<T>(h0.data(), shape), TensorView<T>(out.data(), shape), 0);
+  CHECK(ctx.meter().current(MemoryCategory::SavedActivations) == 0);
+  ctx.meter().reset_peaks();
+  stack.backward(ConstView<T>(out.data(), shape), TensorView<T>(dh.data(), shape));
+  CHECK(ctx.meter().peak_activation() == r8);
 }
 
 TEST_CASE("misuse gives clear errors, not garbage", "[block][errors]") {

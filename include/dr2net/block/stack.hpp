@@ -395,6 +395,11 @@ class ReversibleStack {
     ctx_->reserve(x_, n, MemoryCategory::Streams);
     ctx_->reserve(y_, n, MemoryCategory::Streams);
     workspace_.prepare(*ctx_, shape_, scratch);
+    if (training && !standard) {  // a mode switch must not leave the other mode's storage behind
+      stored_inputs_.reset();
+      stored_saved_.reset();
+    }
+    if (training && forward_mode_ != BackpropMode::ErrorBounded) snapshots_.reset();
     if (standard) {
       std::size_t saved_total = 0;
       for (std::size_t s : saved_sizes_) saved_total += s;
