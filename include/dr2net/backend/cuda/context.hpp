@@ -1,0 +1,214 @@
+#pragma once
+//! \file
+//! The CUDA backend's context: one stream, cuBLAS and cuBLASLt handles with their workspace,
+//! and one allocator (the device's stream-ordered cudaMallocAsync pool) through which every
+//! library allocation goes, metered by the same categories as the host backend. The meter,
+//! not nvidia-smi, is where peak bytes come from. Host twin: backend/host/context.hpp.
+//! Host-compilable (needs the CUDA toolkit's headers, not nvcc); kernels live in *.cuh.
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "dr2net/backend/cuda/error.hpp"
+#include "dr2net/core/error.hpp"
+#include "dr2net/core/memory_meter.hpp"
+#include "dr2net/core/reconstruction.hpp"
+#include "dr2net/core/tensor.hpp"
+
+namespace dr2net {
+
+struct CudaContextOptions {
+  int device = 0;  //!< CUDA device ordinal
+  //! Fill every new non-integer allocation with all-one bytes (NaN in fp64/fp32/bf16/fp16),
+  //! so device code that reads memory nobody wrote shows NaN in results. Tests turn it on.
+  bool poison_allocations = false;
+  //! Bytes of cuBLASLt workspace (allocated on first GEMM, metered as Other).
+  std::size_t gemm_workspace_bytes = std::size_t{32} << 20;
+};
+
+class CudaContext;
+
+//! An owning, metered device allocation of `size()` elements of T. Freed stream-ordered on
+//! its context's stream, so it must not outlive the context.
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(DeviceBuffer&& o) noexcept { swap(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    DeviceBuffer tmp(std::move(o));
+    swap(tmp);
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { reset(); }
+
+  T* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+
+  //! A contiguous view (of device memory) of the first shape.numel() elements.
+  TensorView<T> view(const Shape& shape) const {
+    DR2NET_CHECK(static_cast<std::size_t>(shape.numel()) <= size_, "view of shape ", shape, " needs ",
+                 shape.numel(), " elements but the device buffer holds ", size_);
+    return TensorView<T>(data_, shape);
+  }
+  TensorView<T> flat() const { return TensorView<T>(data_, Shape{static_cast<std::int64_t>(size_)}); }
+
+  inline void reset() noexcept;
+
+  void swap(DeviceBuffer& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(size_, o.size_);
+    std::swap(ctx_, o.ctx_);
+    std::swap(category_, o.category_);
+  }
+
+ private:
+  friend class CudaContext;
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+  CudaContext* ctx_ = nullptr;
+  MemoryCategory category_ = MemoryCategory::Other;
+};
+
+//! Resources of the CUDA backend. Not copyable or movable: buffers point back to it.
+class CudaContext {
+ public:
+  explicit CudaContext(CudaContextOptions options = {}) : options_(options) {
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    DR2NET_CHECK(e == cudaSuccess && count > 0, "no usable CUDA device: ",
+                 e == cudaSuccess ? std::string("device count is 0") : cuda_detail::describe(e));
+    DR2NET_CHECK(options.device >= 0 && options.device < count, "CUDA device ", options.device,
+                 " requested but only ", count, " present");
+    DR2NET_CUDA_CHECK(cudaSetDevice(options.device));
+    DR2NET_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, options.device));
+    DR2NET_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool_, options.device));
+    // Keep freed blocks in the pool (no trimming at every synchronisation): the meter counts
+    // what the library holds; the pool reuses what it has freed.
+    std::uint64_t keep = std::numeric_limits<std::uint64_t>::max();
+    DR2NET_CUDA_CHECK(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep));
+    DR2NET_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  }
+  CudaContext(const CudaContext&) = delete;
+  CudaContext& operator=(const CudaContext&) = delete;
+  ~CudaContext() {
+    workspace_.reset();
+    if (lt_) cublasLtDestroy(lt_);
+    if (blas_) cublasDestroy(blas_);
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+
+  MemoryMeter& meter() noexcept { return meter_; }
+  const MemoryMeter& meter() const noexcept { return meter_; }
+  const CudaContextOptions& options() const noexcept { return options_; }
+  ReconstructionReport& reconstruction() noexcept { return reconstruction_; }
+  const ReconstructionReport& reconstruction() const noexcept { return reconstruction_; }
+
+  cudaStream_t stream() const noexcept { return stream_; }
+  int device() const noexcept { return options_.device; }
+  int multiprocessor_count() const noexcept { return sm_count_; }
+
+  //! Waits for everything queued on the context's stream; throws what a kernel raised.
+  void synchronize() const { DR2NET_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  //! The cuBLAS handle (created on first use, bound to the stream).
+  cublasHandle_t blas() {
+    if (!blas_) {
+      DR2NET_CUBLAS_CHECK(cublasCreate(&blas_));
+      DR2NET_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
+    }
+    return blas_;
+  }
+  //! The cuBLASLt handle (created on first use).
+  cublasLtHandle_t blas_lt() {
+    if (!lt_) DR2NET_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    return lt_;
+  }
+  //! The cuBLASLt workspace, allocated on first use through the context (category Other).
+  void* gemm_workspace() {
+    if (workspace_.empty() && options_.gemm_workspace_bytes > 0)
+      workspace_ = allocate<std::byte>(options_.gemm_workspace_bytes, MemoryCategory::Other);
+    return workspace_.data();
+  }
+  std::size_t gemm_workspace_bytes() const noexcept { return workspace_.size(); }
+
+  //! `count` elements of T from the stream-ordered pool, metered under `category`.
+  //! Out of memory throws, saying what was asked and what the meter held.
+  template <class T>
+  DeviceBuffer<T> allocate(std::size_t count, MemoryCategory category) {
+    static_assert(std::is_trivially_copyable_v<T>, "device buffers hold trivially copyable elements");
+    DeviceBuffer<T> b;
+    if (count == 0) return b;
+    DR2NET_CHECK(count <= std::numeric_limits<std::size_t>::max() / sizeof(T), "allocation of ", count,
+                 " elements overflows");
+    const std::size_t bytes = count * sizeof(T);
+    void* p = nullptr;
+    const cudaError_t e = cudaMallocFromPoolAsync(&p, bytes, pool_, stream_);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();  // clear the (non-sticky) error so the context stays usable
+      std::size_t free_b = 0, total_b = 0;
+      (void)cudaMemGetInfo(&free_b, &total_b);
+      DR2NET_FAIL("device out of memory allocating ", bytes, " bytes of ", category_name(category),
+                  " while the meter holds ", meter_.current_total(), " bytes (", cuda_detail::describe(e),
+                  "; device reports ", free_b, " of ", total_b, " bytes free)");
+    }
+    b.data_ = static_cast<T*>(p);
+    b.size_ = count;
+    b.ctx_ = this;
+    b.category_ = category;
+    meter_.add(category, bytes);
+    if constexpr (!std::is_integral_v<T> && !std::is_same_v<T, std::byte>) {
+      if (options_.poison_allocations) DR2NET_CUDA_CHECK(cudaMemsetAsync(p, 0xFF, bytes, stream_));
+    }
+    return b;
+  }
+
+  //! Makes `buffer` hold at least `count` elements, reallocating only when it must.
+  template <class T>
+  void reserve(DeviceBuffer<T>& buffer, std::size_t count, MemoryCategory category) {
+    if (buffer.size() >= count) return;
+    buffer.reset();
+    buffer = allocate<T>(count, category);
+  }
+
+ private:
+  template <class T>
+  friend class DeviceBuffer;
+
+  void release(void* p, MemoryCategory category, std::size_t bytes) noexcept {
+    (void)cudaFreeAsync(p, stream_);
+    meter_.remove(category, bytes);
+  }
+
+  CudaContextOptions options_;
+  int sm_count_ = 1;
+  cudaMemPool_t pool_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  MemoryMeter meter_;
+  ReconstructionReport reconstruction_;
+  DeviceBuffer<std::byte> workspace_;
+};
+
+template <class T>
+void DeviceBuffer<T>::reset() noexcept {
+  if (data_ && ctx_) ctx_->release(data_, category_, size_ * sizeof(T));
+  data_ = nullptr;
+  size_ = 0;
+  ctx_ = nullptr;
+}
+
+}  // namespace dr2net

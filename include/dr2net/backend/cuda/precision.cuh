@@ -1,0 +1,31 @@
+#pragma once
+//! \file
+//! bf16 and fp16 compute on the device: the trait that admits CUDA's 16-bit types as
+//! residual-function compute types, and precision policies for them over fp32/fp64 streams.
+//! GEMMs and reductions accumulate in fp32 whatever the compute type.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "dr2net/block/residual_function.hpp"
+#include "dr2net/precision/precision.hpp"
+
+namespace dr2net {
+
+template <>
+struct is_compute_type<__nv_bfloat16> : std::true_type {};
+template <>
+struct is_compute_type<__half> : std::true_type {};
+
+//! bf16 residual functions over fp32 streams; the combine runs in fp32.
+using Bf16ComputeFp32Streams = PrecisionPolicy<float, __nv_bfloat16, float>;
+//! fp16 residual functions over fp32 streams; the combine runs in fp32.
+using Fp16ComputeFp32Streams = PrecisionPolicy<float, __half, float>;
+//! bf16 residual functions over fp64 streams; the combine runs in fp64.
+using Bf16ComputeFp64Streams = PrecisionPolicy<double, __nv_bfloat16, double>;
+//! fp32 residual functions that may use TF32 tensor cores in their GEMMs.
+using Fp32AllowTf32 = PrecisionPolicy<float, float, float, true>;
+
+}  // namespace dr2net
