@@ -1,12 +1,18 @@
-// GPU benchmark: bandwidth of the fused combine kernels as a share of a device-to-device
-// cudaMemcpy measured in the same run (target: >= 80%), written as JSON and a table.
+// GPU benchmark, written as JSON and tables:
+//  1. bandwidth of the fused combine kernels as a share of a device-to-device cudaMemcpy
+//     measured in the same run (target: >= 80%);
+//  2. a ViT-B/16-sized stack (D 768, 12 heads, MLP 3072, 12 layers; CudaVitAttention /
+//     CudaVitMlp in bf16 over fp32 streams) at 197 and 1568 tokens: training-step time and
+//     peak device memory (from the context's meter) in standard and reversible mode at the
+//     same batch; the largest batch each mode fits in a memory budget; and the reversible
+//     peak activation bytes of 12 vs 24 layers.
 //
-// The ViT-B/16 step comparison (standard vs reversible step time and peak device memory at
-// 197 and 1568 tokens, largest batch per memory budget) needs the device ViT residual
-// functions (CudaVitAttention / CudaVitMlp), which are not built yet; the JSON says so in
-// "vit_step" instead of inventing figures.
+// The largest batch: the meter's peak is affine in the batch (every buffer is a fixed size
+// plus a multiple of B), so it is measured at B = 1 and B = 2, solved for the budget, and the
+// answer checked by running that batch (stepping down while it does not fit).
 //
 // Usage: dr2net_bench_gpu_vit_step [--json FILE] [--elements N] [--repeats R]
+//          [--budget-gib G] [--batch-197 B] [--batch-1568 B] [--no-vit]
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -18,8 +24,14 @@
 #include <string>
 #include <vector>
 
+#include "dr2net/modules/cuda/types.cuh"  // first: see its diagnostic note
+
 #include "dr2net/backend/cuda/cuda.cuh"
 #include "dr2net/block/combine.hpp"
+#include "dr2net/block/stack.hpp"
+#include "dr2net/dr2net.hpp"
+#include "dr2net/modules/cuda/vit.cuh"
+#include "dr2net/schedule/schedules.hpp"
 
 using namespace dr2net;
 
@@ -50,18 +62,130 @@ struct KernelFigure {
   double gbps() const { return bytes / (ms * 1e6); }
 };
 
+using VitB = CudaVitLayer<__nv_bfloat16, ConstantSchedule, Bf16ComputeFp32Streams>;
+using VitStack = ReversibleStack<VitB>;
+
+constexpr std::int64_t kDim = 768, kHeads = 12, kHidden = 3072;
+
+VitStack make_vit_b(CudaContext& ctx, int layers) {
+  return VitStack(ctx, make_cuda_vit_layers<__nv_bfloat16, ConstantSchedule, Bf16ComputeFp32Streams>(
+                           ctx, layers, VitLayerConfig{kDim, kHeads, kHidden, 1e-6, 0.1, 0.0, DropPathRule::Linear}, 1),
+                  ConstantSchedule(0.5, 0.5));
+}
+
+//! Inputs and outputs of one training step at batch B.
+struct StepBuffers {
+  Shape shape;
+  DeviceBuffer<float> h0, out, dout, dh0;
+  StepBuffers(CudaContext& ctx, std::int64_t batch, std::int64_t tokens) : shape{batch, tokens, kDim} {
+    const auto n = static_cast<std::size_t>(shape.numel());
+    h0 = ctx.allocate<float>(n, MemoryCategory::Other);
+    out = ctx.allocate<float>(n, MemoryCategory::Other);
+    dout = ctx.allocate<float>(n, MemoryCategory::Other);
+    dh0 = ctx.allocate<float>(n, MemoryCategory::Other);
+    // Small deterministic values: no NaN/denormal slow paths.
+    for_each_index(ctx, n, Fill<float>{h0.data(), 0.01f});
+    for_each_index(ctx, n, Fill<float>{dout.data(), 0.001f});
+  }
+};
+
+void step(VitStack& s, StepBuffers& b, std::int64_t k) {
+  s.zero_grad();
+  s.forward(ConstView<float>(b.h0.data(), b.shape), b.out.view(b.shape), k);
+  s.backward(ConstView<float>(b.dout.data(), b.shape), b.dh0.view(b.shape));
+}
+
+struct StepFigure {
+  std::string mode;
+  std::int64_t tokens = 0, batch = 0;
+  double ms = 0;
+  std::size_t peak_total = 0, peak_activation = 0;
+};
+
+//! Mean step time and the meter's peaks of one mode at one batch (workspace released after).
+StepFigure measure_step(CudaContext& ctx, VitStack& s, BackpropMode mode, std::int64_t batch, std::int64_t tokens,
+                        int repeats) {
+  s.set_mode(mode);
+  StepFigure f{std::string(mode_name(mode)), tokens, batch};
+  {
+    StepBuffers b(ctx, batch, tokens);
+    ctx.synchronize();
+    ctx.meter().reset_peaks();
+    step(s, b, 0);  // warm-up; also sizes every buffer
+    ctx.synchronize();
+    f.peak_total = ctx.meter().peak_total();
+    f.peak_activation = ctx.meter().peak_activation();
+    std::int64_t k = 1;
+    f.ms = time_ms(ctx, repeats, [&] { step(s, b, k++); });
+  }
+  s.release_workspace();
+  ctx.synchronize();
+  return f;
+}
+
+//! The meter's peak bytes of one step, or 0 when it runs out of device memory.
+std::size_t peak_or_zero(CudaContext& ctx, VitStack& s, BackpropMode mode, std::int64_t batch, std::int64_t tokens) {
+  s.set_mode(mode);
+  std::size_t peak = 0;
+  try {
+    StepBuffers b(ctx, batch, tokens);
+    ctx.meter().reset_peaks();
+    step(s, b, 0);
+    ctx.synchronize();
+    peak = ctx.meter().peak_total();
+  } catch (const dr2net::Error&) {
+    peak = 0;
+  }
+  s.release_workspace();
+  ctx.synchronize();
+  return peak;
+}
+
+struct BudgetFigure {
+  std::string mode;
+  std::int64_t tokens = 0, largest_batch = 0;
+  double bytes_per_sample = 0, fixed_bytes = 0;
+};
+
+//! Largest batch whose metered peak stays within `budget` bytes (see the file comment).
+BudgetFigure largest_batch(CudaContext& ctx, VitStack& s, BackpropMode mode, std::int64_t tokens, std::size_t budget) {
+  BudgetFigure f{std::string(mode_name(mode)), tokens};
+  const double p1 = static_cast<double>(peak_or_zero(ctx, s, mode, 1, tokens));
+  const double p2 = static_cast<double>(peak_or_zero(ctx, s, mode, 2, tokens));
+  if (p1 <= 0 || p2 <= p1) return f;
+  f.bytes_per_sample = p2 - p1;
+  f.fixed_bytes = p1 - f.bytes_per_sample;
+  auto b = static_cast<std::int64_t>((static_cast<double>(budget) - f.fixed_bytes) / f.bytes_per_sample);
+  for (int tries = 0; b > 0 && tries < 4; ++tries, --b) {
+    const std::size_t p = peak_or_zero(ctx, s, mode, b, tokens);
+    if (p > 0 && p <= budget) break;
+  }
+  f.largest_batch = b > 0 ? b : 0;
+  return f;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string json_path;
   std::size_t n = std::size_t{1} << 26;
   int repeats = 20;
+  double budget_gib = 40;
+  std::int64_t batch_197 = 64, batch_1568 = 8;
+  bool vit = true;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
+    else if (!std::strcmp(argv[i], "--budget-gib") && i + 1 < argc) budget_gib = std::atof(argv[++i]);
+    else if (!std::strcmp(argv[i], "--batch-197") && i + 1 < argc) batch_197 = std::atoll(argv[++i]);
+    else if (!std::strcmp(argv[i], "--batch-1568") && i + 1 < argc) batch_1568 = std::atoll(argv[++i]);
+    else if (!std::strcmp(argv[i], "--no-vit")) vit = false;
     else if (!std::strcmp(argv[i], "--elements") && i + 1 < argc) n = std::strtoull(argv[++i], nullptr, 10);
     else if (!std::strcmp(argv[i], "--repeats") && i + 1 < argc) repeats = std::atoi(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: %s [--json FILE] [--elements N] [--repeats R]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--json FILE] [--elements N] [--repeats R] [--budget-gib G] [--batch-197 B] "
+                   "[--batch-1568 B] [--no-vit]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -108,6 +232,43 @@ int main(int argc, char** argv) {
       worst_share = share < worst_share ? share : worst_share;
       std::printf("%-42s %10.3f %10.1f %7.1f%%\n", k.name.c_str(), k.ms, k.gbps(), 100 * share);
     }
+    // Free the combine benchmark's buffers before the ViT part.
+    for (auto* b : {&x, &y, &gx, &gy, &f}) b->reset();
+    fb.reset();
+    ctx.synchronize();
+
+    std::vector<StepFigure> steps;
+    std::vector<BudgetFigure> budgets;
+    std::size_t peak12 = 0, peak24 = 0;
+    const auto budget = static_cast<std::size_t>(budget_gib * 1073741824.0);
+    if (vit) {
+      const int vit_repeats = repeats < 5 ? repeats : 5;
+      {
+        VitStack s = make_vit_b(ctx, 12);
+        for (const auto& [tokens, batch] : {std::pair<std::int64_t, std::int64_t>{197, batch_197}, {1568, batch_1568}}) {
+          for (BackpropMode m : {BackpropMode::Standard, BackpropMode::Reversible})
+            steps.push_back(measure_step(ctx, s, m, batch, tokens, vit_repeats));
+          for (BackpropMode m : {BackpropMode::Standard, BackpropMode::Reversible})
+            budgets.push_back(largest_batch(ctx, s, m, tokens, budget));
+        }
+        peak12 = measure_step(ctx, s, BackpropMode::Reversible, 8, 197, 1).peak_activation;
+      }
+      {
+        VitStack s = make_vit_b(ctx, 24);
+        peak24 = measure_step(ctx, s, BackpropMode::Reversible, 8, 197, 1).peak_activation;
+      }
+      std::printf("\nViT-B/16 stack, bf16 compute over fp32 streams (12 layers)\n");
+      std::printf("%-11s %7s %6s %10s %14s %16s\n", "mode", "tokens", "batch", "step ms", "peak MiB", "peak act. MiB");
+      for (const auto& st : steps)
+        std::printf("%-11s %7lld %6lld %10.2f %14.1f %16.1f\n", st.mode.c_str(), static_cast<long long>(st.tokens),
+                    static_cast<long long>(st.batch), st.ms, st.peak_total / 1048576.0, st.peak_activation / 1048576.0);
+      std::printf("largest batch within %.1f GiB (metered peak):\n", budget_gib);
+      for (const auto& b : budgets)
+        std::printf("  %-11s tokens %5lld: %lld\n", b.mode.c_str(), static_cast<long long>(b.tokens),
+                    static_cast<long long>(b.largest_batch));
+      std::printf("reversible peak activation, 197 tokens, batch 8: 12 layers %zu B, 24 layers %zu B\n", peak12, peak24);
+    }
+
     if (!json_path.empty()) {
       std::ofstream j(json_path);
       j << "{\n  \"device\": \"" << prop.name << "\",\n  \"elements\": " << n << ",\n  \"copy_gbps\": " << copy_gbps
@@ -115,9 +276,44 @@ int main(int argc, char** argv) {
       for (std::size_t i = 0; i < figs.size(); ++i)
         j << "    {\"kernel\": \"" << figs[i].name << "\", \"ms\": " << figs[i].ms << ", \"gbps\": " << figs[i].gbps()
           << ", \"share_of_copy\": " << figs[i].gbps() / copy_gbps << "}" << (i + 1 < figs.size() ? "," : "") << "\n";
-      j << "  ],\n  \"vit_step\": null,\n  \"vit_step_note\": \"device ViT residual functions not built yet\",\n"
-        << "  \"summary\": {\"copy GB/s\": " << copy_gbps << ", \"worst combine share of copy\": " << worst_share
-        << ", \"combine target (>= 0.8) met\": " << (worst_share >= 0.8 ? "true" : "false") << "}\n}\n";
+      j << "  ],\n";
+      if (vit) {
+        j << "  \"vit_step\": {\n    \"model\": {\"dim\": " << kDim << ", \"heads\": " << kHeads << ", \"hidden\": " << kHidden
+          << ", \"layers\": 12, \"precision\": \"bf16 compute, fp32 streams\"},\n    \"steps\": [\n";
+        for (std::size_t i = 0; i < steps.size(); ++i)
+          j << "      {\"mode\": \"" << steps[i].mode << "\", \"tokens\": " << steps[i].tokens << ", \"batch\": "
+            << steps[i].batch << ", \"step_ms\": " << steps[i].ms << ", \"peak_bytes\": " << steps[i].peak_total
+            << ", \"peak_activation_bytes\": " << steps[i].peak_activation << "}" << (i + 1 < steps.size() ? "," : "")
+            << "\n";
+        j << "    ],\n    \"budget_bytes\": " << budget << ",\n    \"largest_batch\": [\n";
+        for (std::size_t i = 0; i < budgets.size(); ++i)
+          j << "      {\"mode\": \"" << budgets[i].mode << "\", \"tokens\": " << budgets[i].tokens
+            << ", \"largest_batch\": " << budgets[i].largest_batch << ", \"bytes_per_sample\": "
+            << budgets[i].bytes_per_sample << ", \"fixed_bytes\": " << budgets[i].fixed_bytes << "}"
+            << (i + 1 < budgets.size() ? "," : "") << "\n";
+        j << "    ],\n    \"reversible_peak_activation_bytes\": {\"layers_12\": " << peak12 << ", \"layers_24\": "
+          << peak24 << "}\n  },\n";
+      } else {
+        j << "  \"vit_step\": null,\n";
+      }
+      j << "  \"summary\": {\"copy GB/s\": " << copy_gbps << ", \"worst combine share of copy\": " << worst_share
+        << ", \"combine target (>= 0.8) met\": " << (worst_share >= 0.8 ? "true" : "false");
+      if (vit) {
+        auto find = [&](const char* mode, std::int64_t tokens) -> const StepFigure* {
+          for (const auto& st : steps)
+            if (st.mode == mode && st.tokens == tokens) return &st;
+          return nullptr;
+        };
+        for (std::int64_t t : {std::int64_t{197}, std::int64_t{1568}}) {
+          const StepFigure *sd = find("standard", t), *rv = find("reversible", t);
+          if (sd && rv)
+            j << ", \"" << t << " tokens: reversible/standard peak\": "
+              << static_cast<double>(rv->peak_total) / static_cast<double>(sd->peak_total) << ", \"" << t
+              << " tokens: reversible/standard step time\": " << rv->ms / sd->ms;
+        }
+        j << ", \"reversible peak activation 12 == 24 layers\": " << (peak12 == peak24 ? "true" : "false");
+      }
+      j << "}\n}\n";
     }
     return 0;
   } catch (const std::exception& e) {

@@ -25,6 +25,12 @@
 #include "dr2net/io/safetensors.hpp"
 #include "dr2net/modules/vit.hpp"
 
+#if defined(DR2NET_VJP_HAVE_CUDA)
+// Defined in dr2net_vjp_cuda.cu (built where dr2net::cuda exists).
+int dr2net_vjp_cuda_run(const std::string& weights, const std::string& input, const std::string& out, double alpha,
+                        double beta, const std::string& mode, const std::string& precision, int num_heads, double eps);
+#endif
+
 namespace {
 
 struct Args {
@@ -146,8 +152,13 @@ int main(int argc, char** argv) {
   try {
     const Args a = parse(argc, argv);
     if (a.backend == "cuda") {
+#if defined(DR2NET_VJP_HAVE_CUDA)
+      return dr2net_vjp_cuda_run(a.weights, a.input, a.out, a.alpha, a.beta, a.mode, a.precision,
+                                 a.num_heads.value_or(0), a.eps);
+#else
       std::fprintf(stderr, "dr2net-vjp: --backend cuda: this build of dr2net has no CUDA backend\n");
       return 1;
+#endif
     }
     return a.precision == "fp64" ? run<double>(a) : run<float>(a);
   } catch (const UsageError& e) {

@@ -1,0 +1,241 @@
+#pragma once
+//! \file
+//! CudaVitAttention<T>: the device twin of modules/vit_attention.hpp's VitAttention<T>, with
+//! the same configuration, tensor names (norm1.*, attn.qkv.*, attn.proj.*; parameter_prefix
+//! ""), drop masks (same Philox streams, bit-identical keep decisions) and contract:
+//!
+//!   F(h) = DropPath(Dropout(proj(attn(norm1(h)))))
+//!   attn: per (batch, head) P = softmax(q k^T hd^-0.5), out = P v
+//!
+//! q, k, v of head h are hd-wide column blocks of the qkv rows [B, N, 3D] (q at h hd, k at
+//! D + h hd, v at 2D + h hd, leading dimension 3D); for each batch element one
+//! cublasGemmStridedBatchedEx covers the H heads (stride hd between heads).
+//!
+//! Parameters live in device memory; for_each_parameter hands out device views (see
+//! modules/cuda/parameter.cuh, also for why they are metered as Other).
+//!
+//! Saved internals (cuda_detail::SavedLayoutBuilder): mean [M], rstd [M] (accumulation type),
+//! xn [M, D], qkv [M, 3D], probs [B, H, N, N], ctx [M, D].
+
+#include "dr2net/modules/cuda/types.cuh"  // first: see its diagnostic note
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "dr2net/backend/cuda/context.hpp"
+#include "dr2net/backend/cuda/elementwise.cuh"
+#include "dr2net/block/residual_function.hpp"
+#include "dr2net/core/error.hpp"
+#include "dr2net/core/memory_meter.hpp"
+#include "dr2net/core/tensor.hpp"
+#include "dr2net/modules/cuda/activation.cuh"
+#include "dr2net/modules/cuda/gemm.cuh"
+#include "dr2net/modules/cuda/layer_norm.cuh"
+#include "dr2net/modules/cuda/linear.cuh"
+#include "dr2net/modules/cuda/saved_layout.cuh"
+#include "dr2net/modules/cuda/softmax.cuh"
+#include "dr2net/modules/drop.hpp"
+#include "dr2net/modules/parameter.hpp"
+#include "dr2net/modules/vit_attention.hpp"
+
+namespace dr2net {
+
+//! Options of the device ViT functions that the host twins do not have.
+struct CudaFunctionOptions {
+  bool allow_tf32 = false;  //!< float GEMMs may use TF32 tensor cores (a policy's allow_tf32)
+};
+
+template <class T>
+class CudaVitAttention {
+ public:
+  using value_type = T;
+  using context_type = CudaContext;
+  using A = cuda_detail::acc_t<T>;
+  static constexpr std::string_view parameter_prefix = "";
+
+  //! Weights initialised exactly as VitAttention<float>(config, seed) initialises them
+  //! (built on the host, then copied and converted to T).
+  CudaVitAttention(CudaContext& ctx, const VitAttentionConfig& config, std::uint64_t seed = 0,
+                   CudaFunctionOptions options = {})
+      : CudaVitAttention(ctx, VitAttention<float>(config, seed), options) {}
+
+  //! A copy of a host function: its configuration and parameters, converted to T.
+  template <class U>
+  CudaVitAttention(CudaContext& ctx, const VitAttention<U>& host, CudaFunctionOptions options = {})
+      : config_(host.config()), norm1_(ctx, "norm1", config_.dim, config_.eps),
+        qkv_(ctx, "attn.qkv", config_.dim, 3 * config_.dim, options.allow_tf32),
+        proj_(ctx, "attn.proj", config_.dim, config_.dim, options.allow_tf32), tf32_(options.allow_tf32) {
+    norm1_.copy_from(host.norm1(), "CudaVitAttention");
+    qkv_.copy_from(host.qkv(), "CudaVitAttention");
+    proj_.copy_from(host.proj(), "CudaVitAttention");
+  }
+
+  const VitAttentionConfig& config() const noexcept { return config_; }
+  std::int64_t head_dim() const noexcept { return config_.dim / config_.num_heads; }
+  CudaLayerNorm<T>& norm1() noexcept { return norm1_; }
+  CudaLinear<T>& qkv() noexcept { return qkv_; }
+  CudaLinear<T>& proj() noexcept { return proj_; }
+
+  std::size_t saved_elements(const Shape& in) const { return layout(in).total; }
+
+  void forward(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> scratch) {
+    recompute(call, in, out, scratch);  // the saved internals are the forward's own temporaries
+  }
+
+  void recompute(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
+    const Layout L = layout(in.shape());
+    check_views(in, out, saved.size(), L, "forward");
+    CudaContext& cx = call.context;
+    const std::int64_t B = L.batch, N = L.tokens, D = config_.dim, H = config_.num_heads, hd = head_dim();
+    T* s = saved.data();
+    A* mean = reinterpret_cast<A*>(s + L.mean);
+    A* rstd = reinterpret_cast<A*>(s + L.rstd);
+    T *xn = s + L.xn, *qkv = s + L.qkv, *probs = s + L.probs, *ctx = s + L.ctx;
+
+    norm1_.forward(cx, in.data(), L.rows, xn, mean, rstd);
+    qkv_.forward(cx, xn, L.rows, qkv);
+    const A scale = attention_scale();
+    for (std::int64_t b = 0; b < B; ++b) {
+      const T* q = qkv + b * N * 3 * D;  // head h: + h hd
+      device_gemm_strided_batched<T>(cx, Transpose::No, Transpose::Yes, N, N, hd, scale, q, 3 * D, hd, q + D, 3 * D,
+                                     hd, A(0), probs + b * H * N * N, N, N * N, H, tf32_);  // S = q k^T s
+    }
+    softmax_rows_inplace<T>(cx, probs, B * H * N, N, N);  // P = softmax(S)
+    for (std::int64_t b = 0; b < B; ++b) {
+      const T* v = qkv + b * N * 3 * D + 2 * D;
+      device_gemm_strided_batched<T>(cx, Transpose::No, Transpose::No, N, hd, N, A(1), probs + b * H * N * N, N, N * N,
+                                     v, 3 * D, hd, A(0), ctx + b * N * D, D, hd, H, tf32_);  // ctx[b, :, h] = P v
+    }
+    proj_.forward(cx, ctx, L.rows, out.data());
+    const DropScale<A> drop = output_drop(call, L);
+    if (drop.active()) for_each_index(cx, out.size(), cuda_detail::DropApply<T>{out.data(), out.data(), drop});
+  }
+
+  void backward(const ModuleCall<CudaContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
+                TensorView<T> grad_in) {
+    const Layout L = layout(in.shape());
+    check_views(in, grad_in, saved.size(), L, "backward");
+    check_shape(grad_out, in.shape(), "CudaVitAttention backward: grad_out");
+    CudaContext& cx = call.context;
+    const std::int64_t B = L.batch, N = L.tokens, D = config_.dim, H = config_.num_heads, hd = head_dim();
+    const T* s = saved.data();
+    const A* mean = reinterpret_cast<const A*>(s + L.mean);
+    const A* rstd = reinterpret_cast<const A*>(s + L.rstd);
+    const T *xn = s + L.xn, *qkv = s + L.qkv, *probs = s + L.probs, *ctx = s + L.ctx;
+    const auto n = in.size();
+
+    // dL/d(proj output) = grad_out * mask: the same factor the forward multiplied by.
+    const T* g = grad_out.data();
+    DeviceBuffer<T> masked;
+    const DropScale<A> drop = output_drop(call, L);
+    if (drop.active()) {
+      masked = cx.allocate<T>(n, MemoryCategory::Scratch);
+      for_each_index(cx, n, cuda_detail::DropApply<T>{masked.data(), g, drop});
+      g = masked.data();
+    }
+    DeviceBuffer<T> dctx = cx.allocate<T>(n, MemoryCategory::Scratch);
+    proj_.backward(cx, ctx, g, L.rows, dctx.data());
+    masked.reset();
+
+    const A scale = attention_scale();
+    DeviceBuffer<T> dqkv = cx.allocate<T>(static_cast<std::size_t>(L.rows * 3 * D), MemoryCategory::Scratch);
+    DeviceBuffer<T> dp = cx.allocate<T>(static_cast<std::size_t>(H * N * N), MemoryCategory::Scratch);
+    for (std::int64_t b = 0; b < B; ++b) {
+      const T* q = qkv + b * N * 3 * D;
+      const T *k = q + D, *v = q + 2 * D;
+      const T* p = probs + b * H * N * N;
+      const T* dc = dctx.data() + b * N * D;
+      T* dq = dqkv.data() + b * N * 3 * D;
+      T *dk = dq + D, *dv = dq + 2 * D;
+      device_gemm_strided_batched<T>(cx, Transpose::No, Transpose::Yes, N, N, hd, A(1), dc, D, hd, v, 3 * D, hd, A(0),
+                                     dp.data(), N, N * N, H, tf32_);  // dP = dc v^T
+      device_gemm_strided_batched<T>(cx, Transpose::Yes, Transpose::No, N, hd, N, A(1), p, N, N * N, dc, D, hd, A(0), dv,
+                                     3 * D, hd, H, tf32_);  // dv = P^T dc
+      softmax_rows_backward_inplace<T>(cx, p, dp.data(), H * N, N, N, scale);  // dS s = s P (dP - rowsum(dP P))
+      device_gemm_strided_batched<T>(cx, Transpose::No, Transpose::No, N, hd, N, A(1), dp.data(), N, N * N, k, 3 * D,
+                                     hd, A(0), dq, 3 * D, hd, H, tf32_);  // dq = dS k
+      device_gemm_strided_batched<T>(cx, Transpose::Yes, Transpose::No, N, hd, N, A(1), dp.data(), N, N * N, q, 3 * D,
+                                     hd, A(0), dk, 3 * D, hd, H, tf32_);  // dk = dS^T q
+    }
+    dp.reset();
+    dctx.reset();
+    DeviceBuffer<T> dxn = cx.allocate<T>(n, MemoryCategory::Scratch);
+    qkv_.backward(cx, xn, dqkv.data(), L.rows, dxn.data());
+    dqkv.reset();
+    norm1_.backward(cx, in.data(), mean, rstd, dxn.data(), L.rows, grad_in.data());  // accumulates into grad_in
+  }
+
+  //! visit(name, value, grad) with views of DEVICE memory, in the host twin's order.
+  template <class V>
+  void for_each_parameter(V&& visit) {
+    for_each_parameter_object([&](DeviceParameter<T>& p) { p.visit(visit); });
+  }
+
+  template <class Fn>
+  void for_each_parameter_object(Fn&& fn) {
+    norm1_.for_each_parameter_object(fn);
+    qkv_.for_each_parameter_object(fn);
+    proj_.for_each_parameter_object(fn);
+  }
+
+  //! Sets tensor `name` from HOST `data` of shape `shape`, converting U to T.
+  template <class U>
+  void load(std::string_view name, const U* data, const Shape& shape) {
+    detail::load_named_parameter(*this, "CudaVitAttention", name, data, shape);
+  }
+
+ private:
+  struct Layout {
+    std::int64_t batch = 0, tokens = 0, rows = 0;
+    std::size_t mean = 0, rstd = 0, xn = 0, qkv = 0, probs = 0, ctx = 0, total = 0;
+  };
+
+  Layout layout(const Shape& in) const {
+    DR2NET_CHECK(in.rank() == 3, "CudaVitAttention: input must be [batch, tokens, width], got shape ", in);
+    DR2NET_CHECK(in.last() == config_.dim, "CudaVitAttention: input width ", in.last(), " does not match dim ",
+                 config_.dim, " (input shape ", in, ")");
+    DR2NET_CHECK(in[0] > 0 && in[1] > 0, "CudaVitAttention: input shape ", in, " has an empty batch or token dimension");
+    Layout L;
+    L.batch = in[0];
+    L.tokens = in[1];
+    L.rows = L.batch * L.tokens;
+    const auto M = static_cast<std::size_t>(L.rows), D = static_cast<std::size_t>(config_.dim);
+    cuda_detail::SavedLayoutBuilder<T> b;
+    L.mean = b.take_acc(M);
+    L.rstd = b.take_acc(M);
+    L.xn = b.take(M * D);
+    L.qkv = b.take(3 * M * D);
+    L.probs = b.take(static_cast<std::size_t>(L.batch * config_.num_heads * L.tokens * L.tokens));
+    L.ctx = b.take(M * D);
+    L.total = b.total();
+    return L;
+  }
+
+  static void check_views(ConstView<T> in, TensorView<T> out, std::size_t saved, const Layout& L, const char* where) {
+    const bool fwd = std::string_view(where) == "forward";
+    const std::string what = std::string("CudaVitAttention ") + where + ": " + (fwd ? "output" : "grad_in");
+    check_contiguous(in, std::string("CudaVitAttention ") + where + ": input");
+    check_contiguous(out, what);
+    check_shape(out, in.shape(), what);
+    DR2NET_CHECK(saved >= L.total, "CudaVitAttention ", where, ": saved/scratch holds ", saved, " elements, needs ",
+                 L.total);
+  }
+
+  //! hd^-0.5 rounded as the host rounds it for float (then widened).
+  A attention_scale() const { return static_cast<A>(1.0 / std::sqrt(static_cast<double>(head_dim()))); }
+
+  DropScale<A> output_drop(const ModuleCall<CudaContext>& call, const Layout& L) const {
+    return make_drop_scale<A>(call, config_.drop_path, config_.proj_drop, RandomPurpose::OutputDropout,
+                              static_cast<std::uint64_t>(L.tokens * config_.dim));
+  }
+
+  VitAttentionConfig config_;
+  CudaLayerNorm<T> norm1_;
+  CudaLinear<T> qkv_, proj_;
+  bool tf32_ = false;
+};
+
+}  // namespace dr2net

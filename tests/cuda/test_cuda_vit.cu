@@ -1,0 +1,302 @@
+// The device ViT residual functions against their host twins: CudaLinear vs Linear,
+// CudaVitAttention vs VitAttention, CudaVitMlp vs VitMlp (outputs, accumulated input
+// gradients, parameter gradients; fp32 tight, bf16/fp16 loose, from the tolerance table),
+// drop masks bit for bit, a whole device ViT stack against the host stack, reversible vs
+// standard on the device, and peak activation bytes that do not grow with depth.
+// Outputs and saved internals are poisoned (NaN) before every launch; token counts are odd
+// and there are several heads.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/gpu_test.cuh"
+#include "dr2net/dr2net.hpp"
+#include "dr2net/modules/cuda/vit.cuh"
+#include "dr2net/modules/vit.hpp"
+
+using namespace dr2net;
+using namespace dr2net::testing;
+
+namespace {
+
+template <class T>
+std::vector<T> to_type(const std::vector<float>& v) {
+  std::vector<T> r(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) r[i] = T(v[i]);
+  return r;
+}
+template <class T>
+std::vector<float> as_float(const std::vector<T>& v) {
+  std::vector<float> r(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) r[i] = static_cast<float>(v[i]);
+  return r;
+}
+//! Values representable in T (so host and device see the same inputs).
+template <class T>
+std::vector<float> random_in(std::size_t n, std::mt19937_64& rng) {
+  return as_float(to_type<T>(random_values<float>(n, rng)));
+}
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, static_cast<double>(std::abs(x)));
+  return m;
+}
+
+//! Parameter gradients sum over rows: compare with the tensor's largest gradient as scale.
+bool close_scaled(const std::vector<float>& got, const std::vector<float>& want, Tolerance tol, const std::string& what) {
+  std::vector<double> scale(want.size(), max_abs(want));
+  return all_close(got, want, tol, what.c_str(), __FILE__, __LINE__, &scale);
+}
+
+//! One host function and its device twin on the same input: forward, then backward onto a
+//! non-zero grad_in, compared output by output.
+template <class T, class HostF, class DevF>
+void compare_function(CudaContext& ctx, HostF& host, DevF& dev, const Shape& shape, bool training, std::int64_t step,
+                      std::mt19937_64& rng) {
+  const auto& tol = tolerances_for<T>();
+  const auto n = static_cast<std::size_t>(shape.numel());
+  const auto in = random_in<T>(n, rng), gout = random_in<T>(n, rng), g0 = random_in<T>(n, rng);
+  const std::uint64_t seed = 1234;
+  const int module = 5;
+
+  HostContext hctx;
+  const ModuleCall<HostContext> hcall{hctx, module, step, seed, training};
+  std::vector<float> hsaved(host.saved_elements(shape)), hout(n), hgin = g0;
+  host.recompute(hcall, ConstView<float>(in.data(), shape), TensorView<float>(hout.data(), shape),
+                 TensorView<float>(hsaved.data(), Shape{static_cast<std::int64_t>(hsaved.size())}));
+  host.backward(hcall, ConstView<float>(in.data(), shape), ConstView<float>(hsaved.data(), Shape{static_cast<std::int64_t>(hsaved.size())}),
+                ConstView<float>(gout.data(), shape), TensorView<float>(hgin.data(), shape));
+
+  const ModuleCall<CudaContext> dcall{ctx, module, step, seed, training};
+  auto din = to_device(ctx, to_type<T>(in)), dgout = to_device(ctx, to_type<T>(gout)), dgin = to_device(ctx, to_type<T>(g0));
+  auto dout = ctx.allocate<T>(n, MemoryCategory::Other);  // poisoned
+  const std::size_t ns = dev.saved_elements(shape);
+  auto dsaved = ctx.allocate<T>(ns, MemoryCategory::Other);  // poisoned
+  const Shape sshape{static_cast<std::int64_t>(ns)};
+  dev.forward(dcall, ConstView<T>(din.data(), shape), dout.view(shape), dsaved.view(sshape));
+  const auto fwd = as_float(to_host(ctx, dout.data(), n));
+  // recompute must give the forward's output bit for bit
+  auto dout2 = ctx.allocate<T>(n, MemoryCategory::Other);
+  dev.recompute(dcall, ConstView<T>(din.data(), shape), dout2.view(shape), dsaved.view(sshape));
+  const auto rec = as_float(to_host(ctx, dout2.data(), n));
+  GPU_CHECK(std::memcmp(fwd.data(), rec.data(), n * sizeof(float)) == 0, "recompute differs from forward");
+  dev.backward(dcall, ConstView<T>(din.data(), shape), ConstView<T>(dsaved.data(), sshape), ConstView<T>(dgout.data(), shape),
+               dgin.view(shape));
+  GPU_CHECK_CLOSE(fwd, hout, tol.function);
+  GPU_CHECK_CLOSE(as_float(to_host(ctx, dgin.data(), n)), hgin, tol.gradient);
+
+  std::vector<std::string> hnames, dnames;
+  std::vector<std::vector<float>> hgrads, dgrads;
+  host.for_each_parameter([&](std::string_view name, TensorView<float>, TensorView<float> g) {
+    hnames.emplace_back(name);
+    hgrads.emplace_back(g.data(), g.data() + g.size());
+  });
+  dev.for_each_parameter([&](std::string_view name, TensorView<T>, TensorView<T> g) {
+    dnames.emplace_back(name);
+    dgrads.push_back(as_float(to_host(ctx, g.data(), g.size())));
+  });
+  GPU_CHECK(hnames == dnames, "parameter names or order differ");
+  for (std::size_t p = 0; p < hgrads.size() && p < dgrads.size(); ++p)
+    close_scaled(dgrads[p], hgrads[p], tol.gradient, "gradient of " + hnames[p]);
+}
+
+template <class T>
+void linear_case(CudaContext& ctx, std::mt19937_64& rng) {
+  const auto& tol = tolerances_for<T>();
+  const std::int64_t rows = 21, in = 24, out = 40;
+  Linear<float> host("fc", in, out);
+  host.init(rng(), 0, 0.5);
+  for (std::size_t i = 0; i < host.bias().size(); ++i) host.bias().value().data()[i] = static_cast<float>(i % 7) * 0.1f - 0.3f;
+  // Host values representable in T.
+  for (auto* p : {&host.weight(), &host.bias()}) {
+    auto v = as_float(to_type<T>(std::vector<float>(p->data(), p->data() + p->size())));
+    std::copy(v.begin(), v.end(), p->value().data());
+  }
+  CudaLinear<T> dev(ctx, "fc", in, out);
+  dev.copy_from(host, "test");
+  const auto x = random_in<T>(static_cast<std::size_t>(rows * in), rng);
+  const auto dy = random_in<T>(static_cast<std::size_t>(rows * out), rng);
+  std::vector<float> y(static_cast<std::size_t>(rows * out)), dx(x.size());
+  host.forward(x.data(), rows, y.data());
+  host.backward(x.data(), dy.data(), rows, dx.data());
+  auto dxd = to_device(ctx, to_type<T>(x)), dyd = to_device(ctx, to_type<T>(dy));
+  auto yd = ctx.allocate<T>(y.size(), MemoryCategory::Other), dxo = ctx.allocate<T>(x.size(), MemoryCategory::Other);
+  dev.forward(ctx, dxd.data(), rows, yd.data());
+  dev.backward(ctx, dxd.data(), dyd.data(), rows, dxo.data());
+  GPU_CHECK_CLOSE(as_float(to_host(ctx, yd.data(), y.size())), y, tol.function);
+  GPU_CHECK_CLOSE(as_float(to_host(ctx, dxo.data(), dx.size())), dx, tol.gradient);
+  close_scaled(as_float(to_host(ctx, dev.weight().grad_data(), dev.weight().size())),
+               std::vector<float>(host.weight().grad().data(), host.weight().grad().data() + host.weight().size()),
+               tol.gradient, "weight gradient");
+  close_scaled(as_float(to_host(ctx, dev.bias().grad_data(), dev.bias().size())),
+               std::vector<float>(host.bias().grad().data(), host.bias().grad().data() + host.bias().size()),
+               tol.gradient, "bias gradient");
+}
+
+template <class T>
+void function_cases(CudaContext& ctx, std::mt19937_64& rng, const char* type) {
+  struct Case {
+    std::int64_t batch, tokens, dim, heads;
+    double drop_path, drop;
+    bool training;
+  };
+  const Case cases[] = {{2, 7, 24, 3, 0.0, 0.0, true}, {3, 5, 32, 4, 0.25, 0.1, true}, {1, 13, 16, 2, 0.3, 0.2, false}};
+  for (const Case& c : cases) {
+    const Shape shape{c.batch, c.tokens, c.dim};
+    const std::string tag = std::string(type) + " B" + std::to_string(c.batch) + " N" + std::to_string(c.tokens) + " D" +
+                            std::to_string(c.dim) + " H" + std::to_string(c.heads) + (c.drop > 0 ? " drops" : "") +
+                            (c.training ? "" : " inference");
+    run_case("attention device vs host, " + tag, [&] {
+      VitAttention<float> host({c.dim, c.heads, 1e-6, c.drop_path, c.drop}, rng());
+      // Non-trivial LayerNorm parameters, representable in T.
+      auto& w = host.norm1().weight();
+      for (std::size_t i = 0; i < w.size(); ++i) w.value().data()[i] = static_cast<float>(T(1.0f + 0.05f * static_cast<float>(i % 5)));
+      CudaVitAttention<T> dev(ctx, host);
+      compare_function<T>(ctx, host, dev, shape, c.training, 7, rng);
+    });
+    run_case("mlp device vs host, " + tag, [&] {
+      VitMlp<float> host({c.dim, 4 * c.dim, 1e-6, c.drop_path, c.drop}, rng());
+      auto& b = host.norm2().bias();
+      for (std::size_t i = 0; i < b.size(); ++i) b.value().data()[i] = static_cast<float>(T(0.01f * static_cast<float>(i % 3)));
+      CudaVitMlp<T> dev(ctx, host);
+      compare_function<T>(ctx, host, dev, shape, c.training, 7, rng);
+    });
+  }
+}
+
+using HostLayer = VitLayer<float, ConstantSchedule>;
+using DevLayer = CudaVitLayer<float, ConstantSchedule>;
+
+struct StepResult {
+  std::vector<float> out, dh0;
+  std::vector<std::vector<float>> grads;
+  std::vector<std::string> names;
+};
+
+StepResult host_step(ReversibleStack<HostLayer>& s, const Shape& shape, const std::vector<float>& h0,
+                     const std::vector<float>& dout) {
+  StepResult r;
+  r.out.assign(h0.size(), 0.0f);
+  r.dh0.assign(h0.size(), 0.0f);
+  s.zero_grad();
+  s.forward(ConstView<float>(h0.data(), shape), TensorView<float>(r.out.data(), shape), 3);
+  s.backward(ConstView<float>(dout.data(), shape), TensorView<float>(r.dh0.data(), shape), ConstView<float>(h0.data(), shape));
+  for (auto& p : s.parameters()) {
+    r.names.push_back(p.name);
+    r.grads.emplace_back(p.grad.data(), p.grad.data() + p.grad.size());
+  }
+  return r;
+}
+
+StepResult device_step(CudaContext& ctx, ReversibleStack<DevLayer>& s, const Shape& shape, const std::vector<float>& h0,
+                       const std::vector<float>& dout) {
+  const std::size_t n = h0.size();
+  auto dh = to_device(ctx, h0), dd = to_device(ctx, dout);
+  auto out = ctx.allocate<float>(n, MemoryCategory::Other), dh0 = ctx.allocate<float>(n, MemoryCategory::Other);
+  s.zero_grad();
+  s.forward(ConstView<float>(dh.data(), shape), out.view(shape), 3);
+  s.backward(ConstView<float>(dd.data(), shape), dh0.view(shape), ConstView<float>(dh.data(), shape));
+  StepResult r;
+  r.out = to_host(ctx, out.data(), n);
+  r.dh0 = to_host(ctx, dh0.data(), n);
+  for (auto& p : s.parameters()) {
+    r.names.push_back(p.name);
+    r.grads.push_back(to_host(ctx, p.grad.data(), p.grad.size()));
+  }
+  return r;
+}
+
+void compare_steps(const StepResult& got, const StepResult& want, Tolerance tol) {
+  GPU_CHECK_CLOSE(got.out, want.out, tol);
+  GPU_CHECK_CLOSE(got.dh0, want.dh0, tol);
+  GPU_CHECK(got.names == want.names, "parameter names differ");
+  for (std::size_t p = 0; p < got.grads.size() && p < want.grads.size(); ++p)
+    close_scaled(got.grads[p], want.grads[p], tol, "gradient of " + want.names[p]);
+}
+
+}  // namespace
+
+int main() {
+  skip_without_device();
+  const std::uint64_t seed = (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  CudaContext ctx({.poison_allocations = true});
+
+  run_case("linear fp32", [&] { linear_case<float>(ctx, rng); });
+  run_case("linear bf16", [&] { linear_case<__nv_bfloat16>(ctx, rng); });
+  run_case("linear fp16", [&] { linear_case<__half>(ctx, rng); });
+  function_cases<float>(ctx, rng, "fp32");
+  function_cases<__nv_bfloat16>(ctx, rng, "bf16");
+  function_cases<__half>(ctx, rng, "fp16");
+
+  run_case("drop masks: device bit for bit as host", [&] {
+    HostContext hctx;
+    const std::size_t n = 4099;
+    const ModuleCall<HostContext> hcall{hctx, 9, (std::int64_t{1} << 33) + 5, 0xABCDEF0123ull, true};
+    const ModuleCall<CudaContext> dcall{ctx, 9, (std::int64_t{1} << 33) + 5, 0xABCDEF0123ull, true};
+    const auto hs = make_drop_scale<float>(hcall, 0.3, 0.15, RandomPurpose::OutputDropout, 37);
+    const auto ds = make_drop_scale<float>(dcall, 0.3, 0.15, RandomPurpose::OutputDropout, 37);
+    std::vector<float> ones(n, 1.0f), want(n);
+    for_each_index(hctx, n, ApplyDropScale<float>{want.data(), ones.data(), hs});
+    auto d = to_device(ctx, ones);
+    for_each_index(ctx, n, cuda_detail::DropApply<float>{d.data(), d.data(), ds});
+    const auto got = to_host(ctx, d.data(), n);
+    GPU_CHECK(std::memcmp(got.data(), want.data(), n * sizeof(float)) == 0, "drop mask differs from the host's");
+  });
+
+  const VitLayerConfig cfg{32, 4, 64, 1e-6, 0.2, 0.1, DropPathRule::Linear};
+  const Shape shape{2, 9, 32};
+  const auto n = static_cast<std::size_t>(shape.numel());
+  for (BackpropMode mode : {BackpropMode::Reversible, BackpropMode::Standard}) {
+    run_case(std::string("fp32 ViT stack on device vs host, ") + std::string(mode_name(mode)), [&] {
+      HostContext hctx;
+      auto hl = make_vit_layers<float, ConstantSchedule>(3, cfg, 11);
+      ReversibleStack<DevLayer> dev(ctx, make_cuda_vit_layers<float, ConstantSchedule>(ctx, 3, cfg, 11),
+                                    ConstantSchedule(0.5, 0.5), {.mode = mode, .seed = 77});
+      ReversibleStack<HostLayer> host(hctx, std::move(hl), ConstantSchedule(0.5, 0.5), {.mode = mode, .seed = 77});
+      const auto h0 = random_values<float>(n, rng), dout = random_values<float>(n, rng);
+      compare_steps(device_step(ctx, dev, shape, h0, dout), host_step(host, shape, h0, dout),
+                    tolerances_for<float>().gradient);
+    });
+  }
+
+  run_case("ViT stack: reversible vs standard on device", [&] {
+    ReversibleStack<DevLayer> rev(ctx, make_cuda_vit_layers<float, ConstantSchedule>(ctx, 4, cfg, 5),
+                                  ConstantSchedule(0.0, 1.0), {.mode = BackpropMode::Reversible, .seed = 3});
+    ReversibleStack<DevLayer> std_(ctx, make_cuda_vit_layers<float, ConstantSchedule>(ctx, 4, cfg, 5),
+                                   ConstantSchedule(0.0, 1.0), {.mode = BackpropMode::Standard, .seed = 3});
+    const auto h0 = random_values<float>(n, rng), dout = random_values<float>(n, rng);
+    const auto a = device_step(ctx, rev, shape, h0, dout), b = device_step(ctx, std_, shape, h0, dout);
+    GPU_CHECK(a.out == b.out, "all modes share the forward arithmetic: outputs must be bitwise equal");
+    compare_steps(a, b, tolerances_for<float>().gradient);
+  });
+
+  run_case("ViT stack: peak activation bytes equal for 12 and 24 layers (reversible)", [&] {
+    const VitLayerConfig small{16, 2, 32, 1e-6, 0.0, 0.0, DropPathRule::Linear};
+    const Shape s{2, 5, 16};
+    const auto m = static_cast<std::size_t>(s.numel());
+    std::vector<std::size_t> peaks;
+    for (int L : {12, 24}) {
+      ReversibleStack<DevLayer> dev(ctx, make_cuda_vit_layers<float, ConstantSchedule>(ctx, L, small, 1),
+                                    ConstantSchedule(0.0, 1.0));
+      const auto h0 = random_values<float>(m, rng), dout = random_values<float>(m, rng);
+      ctx.meter().reset_peaks();
+      const auto base = ctx.meter().current_activation();
+      device_step(ctx, dev, s, h0, dout);
+      peaks.push_back(ctx.meter().peak_activation() - base);
+      dev.release_workspace();
+    }
+    GPU_CHECK(peaks[0] == peaks[1], "peak activation bytes: " + std::to_string(peaks[0]) + " (12 layers) vs " +
+                                        std::to_string(peaks[1]) + " (24 layers)");
+  });
+
+  ctx.synchronize();
+  return finish();
+}
