@@ -143,6 +143,7 @@ class VitEmbedding {
     for_each_parameter_object([&](Parameter<T>& p) { p.visit(visit); });
   }
 
+  //! fn(Parameter<T>&) in the order of for_each_parameter.
   template <class Fn>
   void for_each_parameter_object(Fn&& fn) {
     fn(cls_token_);

@@ -107,6 +107,7 @@ class VitHead {
     for_each_parameter_object([&](Parameter<T>& p) { p.visit(visit); });
   }
 
+  //! fn(Parameter<T>&) in the order of for_each_parameter.
   template <class Fn>
   void for_each_parameter_object(Fn&& fn) {
     norm_.for_each_parameter_object(fn);

@@ -1,0 +1,176 @@
+#pragma once
+// A small ViT image classifier: VitEmbedding -> ReversibleStack of timm ViT layers -> VitHead,
+// with every activation buffer taken from one HostContext so its meter sees the whole model,
+// and timm-named safetensors checkpoints.
+
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <dr2net/dr2net.hpp>
+#include <dr2net/io/checkpoint.hpp>
+#include <dr2net/io/safetensors.hpp>
+#include <dr2net/modules/vit.hpp>
+#include <dr2net/modules/vit_classifier_ends.hpp>
+
+namespace example {
+
+// One layer type for every run: the schedule is chosen at run time, so standard finetuning
+// at a constant (1, 0) and Dr²Net's moving schedule train through the same code.
+using Layer = dr2net::VitLayer<float, dr2net::AnySchedule>;
+using Stack = dr2net::ReversibleStack<Layer>;
+
+struct ModelConfig {
+  std::int64_t image = 28, channels = 1, patch = 7;
+  std::int64_t dim = 64, heads = 4, hidden = 128;
+  int layers = 4;
+  std::int64_t classes = 5;
+};
+
+struct StepResult {
+  double loss = 0;
+  std::int64_t correct = 0;
+};
+
+class VitClassifier {
+ public:
+  VitClassifier(dr2net::HostContext& ctx, const ModelConfig& c, dr2net::AnySchedule schedule,
+                dr2net::StackOptions options, std::uint64_t seed)
+      : ctx_(&ctx), config_(c),
+        embedding_(ctx, {c.channels, c.image, c.image, c.patch, c.dim}, dr2net::mix_seed(seed, 1000)),
+        stack_(ctx, dr2net::make_vit_layers<float, dr2net::AnySchedule>(c.layers, c.dim, c.heads, c.hidden, 1e-6, 0.0, seed),
+               std::move(schedule), options),
+        head_(ctx, {c.dim, c.classes, 1e-6}, dr2net::mix_seed(seed, 1001)) {}
+
+  const ModelConfig& config() const { return config_; }
+  Stack& stack() { return stack_; }
+  dr2net::VitEmbedding<float>& embedding() { return embedding_; }
+  dr2net::VitHead<float>& head() { return head_; }
+
+  // Every parameter: embedding, blocks, head (the order of a timm state dict).
+  std::vector<dr2net::NamedParameter<float>> parameters() {
+    std::vector<dr2net::NamedParameter<float>> all;
+    dr2net::append_parameters(all, embedding_);
+    dr2net::append_parameters(all, stack_);
+    dr2net::append_parameters(all, head_);
+    return all;
+  }
+
+  // Forward and backward of one batch of images [B, C, H, W] at `step`; parameter gradients
+  // accumulate (zero them first). Returns the mean loss and the number of correct predictions.
+  StepResult train_step(const float* images, std::span<const std::int32_t> labels, std::int64_t step) {
+    const auto B = static_cast<std::int64_t>(labels.size());
+    prepare(B);
+    const dr2net::Shape tokens{B, embedding_.num_tokens(), config_.dim};
+    embedding_.forward(image_view(images, B), h0_.view(tokens));
+    stack_.forward(h0_.view(tokens), out_.view(tokens), step);
+    head_.forward(out_.view(tokens), logits_.view({B, config_.classes}));
+    StepResult r;
+    r.loss = dr2net::softmax_cross_entropy<float>(logits_.view({B, config_.classes}), labels,
+                                                  dlogits_.view({B, config_.classes}));
+    r.correct = dr2net::count_correct<float>(logits_.view({B, config_.classes}), labels);
+    std::fill(dout_.data(), dout_.data() + tokens.numel(), 0.0f);  // the head accumulates into it
+    head_.backward(dlogits_.view({B, config_.classes}), dout_.view(tokens));
+    stack_.backward(dout_.view(tokens), dh0_.view(tokens), h0_.view(tokens));  // h0: reconstruction monitor
+    embedding_.backward(dh0_.view(tokens));
+    return r;
+  }
+
+  // Correct predictions on a batch, inference only, with the coefficients of `step`.
+  std::int64_t predict_correct(const float* images, std::span<const std::int32_t> labels, std::int64_t step) {
+    const auto B = static_cast<std::int64_t>(labels.size());
+    prepare(B);
+    const dr2net::Shape tokens{B, embedding_.num_tokens(), config_.dim};
+    embedding_.forward(image_view(images, B), h0_.view(tokens));
+    stack_.predict(h0_.view(tokens), out_.view(tokens), step);
+    head_.forward(out_.view(tokens), logits_.view({B, config_.classes}));
+    return dr2net::count_correct<float>(logits_.view({B, config_.classes}), labels);
+  }
+
+  // Everything as one timm-named checkpoint (blocks.{i}.*, patch_embed.*, cls_token, pos_embed,
+  // norm.*, head.*), with num_heads in the metadata for infer_timm_vit_config.
+  void save(const std::string& path) {
+    dr2net::io::SafetensorsWriter w;
+    dr2net::io::save_parameters(embedding_, w, dr2net::io::DType::F32);
+    dr2net::io::save_parameters(stack_, w, dr2net::io::DType::F32);
+    dr2net::io::save_parameters(head_, w, dr2net::io::DType::F32);
+    w.set_metadata("num_heads", std::to_string(config_.heads));
+    w.set_metadata("architecture", "timm VisionTransformer, class-token pooling");
+    w.write_file(path);
+  }
+
+  // Loads everything but the classifier (head.*) from `file`: the backbone and the final norm.
+  void load_backbone(const dr2net::io::SafetensorsReader& file) {
+    dr2net::io::load_parameters(embedding_, file);
+    dr2net::io::load_parameters(stack_, file);
+    FinalNorm norm{head_};
+    dr2net::io::load_parameters(norm, file);
+  }
+
+ private:
+  // The final norm's tensors alone, in the (name, value, grad) form load_parameters takes.
+  struct FinalNorm {
+    dr2net::VitHead<float>& head;
+    template <class V>
+    void for_each_parameter(V&& visit) {
+      head.norm().for_each_parameter_object([&](dr2net::Parameter<float>& p) { p.visit(visit); });
+    }
+  };
+
+  dr2net::ConstView<float> image_view(const float* images, std::int64_t B) const {
+    return dr2net::ConstView<float>(images, {B, config_.channels, config_.image, config_.image});
+  }
+
+  // Activation buffers of the ends, sized for the largest batch seen and metered: the stack's
+  // input h0 and output, the gradients flowing between the parts, the logits.
+  void prepare(std::int64_t B) {
+    const auto n = static_cast<std::size_t>(B * embedding_.num_tokens() * config_.dim);
+    const auto k = static_cast<std::size_t>(B * config_.classes);
+    ctx_->reserve(h0_, n, dr2net::MemoryCategory::SavedActivations);
+    ctx_->reserve(out_, n, dr2net::MemoryCategory::SavedActivations);
+    ctx_->reserve(dout_, n, dr2net::MemoryCategory::Scratch);
+    ctx_->reserve(dh0_, n, dr2net::MemoryCategory::Scratch);
+    ctx_->reserve(logits_, k, dr2net::MemoryCategory::SavedActivations);
+    ctx_->reserve(dlogits_, k, dr2net::MemoryCategory::Scratch);
+  }
+
+  dr2net::HostContext* ctx_;
+  ModelConfig config_;
+  dr2net::VitEmbedding<float> embedding_;
+  Stack stack_;
+  dr2net::VitHead<float> head_;
+  dr2net::HostBuffer<float> h0_, out_, dout_, dh0_, logits_, dlogits_;
+};
+
+// The model sizes a checkpoint written by save() describes: blocks from
+// infer_timm_vit_config, image and patch sizes from patch_embed.proj.weight [D, C, P, P] and
+// pos_embed [1, 1 + (image / P)^2, D] (square images), classes from head.weight [K, D].
+inline ModelConfig infer_model_config(const dr2net::io::SafetensorsReader& file) {
+  const auto blocks = dr2net::io::infer_timm_vit_config(file);
+  ModelConfig c;
+  c.layers = blocks.num_layers;
+  c.dim = blocks.dim;
+  c.heads = blocks.num_heads;
+  c.hidden = blocks.hidden;
+  const auto& w = file.record("patch_embed.proj.weight").shape;
+  const auto& pos = file.record("pos_embed").shape;
+  const auto& head = file.record("head.weight").shape;
+  DR2NET_CHECK(w.size() == 4 && w[0] == c.dim && w[2] == w[3], "patch_embed.proj.weight has shape ",
+               dr2net::io::format_shape(w), ", expected [", c.dim, ", C, P, P]");
+  DR2NET_CHECK(pos.size() == 3 && pos[0] == 1 && pos[2] == c.dim && pos[1] >= 2, "pos_embed has shape ",
+               dr2net::io::format_shape(pos), ", expected [1, 1 + patches, ", c.dim, "]");
+  DR2NET_CHECK(head.size() == 2 && head[1] == c.dim, "head.weight has shape ", dr2net::io::format_shape(head),
+               ", expected [classes, ", c.dim, "]");
+  c.channels = w[1];
+  c.patch = w[2];
+  const auto grid = static_cast<std::int64_t>(std::llround(std::sqrt(static_cast<double>(pos[1] - 1))));
+  DR2NET_CHECK(grid * grid == pos[1] - 1, "pos_embed holds ", pos[1] - 1, " patch positions, not a square grid");
+  c.image = grid * c.patch;
+  c.classes = head[0];
+  return c;
+}
+
+}  // namespace example
