@@ -115,7 +115,7 @@ DR2NET_HD_INLINE PhiloxStream make_philox_stream(std::uint64_t seed, std::int64_
                                                  RandomPurpose purpose) {
   const auto ustep = static_cast<std::uint64_t>(step);
   return PhiloxStream{{{static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>((seed >> 32) ^ (ustep >> 32))}},
-                      module * 8u + static_cast<std::uint32_t>(purpose), static_cast<std::uint32_t>(ustep)};
+                      (module * 8u) + static_cast<std::uint32_t>(purpose), static_cast<std::uint32_t>(ustep)};
 }
 
 //! The top 24 bits as a float in [0, 1): u = (bits >> 8) * 2^-24, exact, never 1.

@@ -92,14 +92,14 @@ class Parameter {
 
 namespace detail {
 
-//! Finds parameter `name` among those `module.for_each_parameter_object` lists and loads it;
-//! unknown names raise an error listing the names the module has.
+//! Finds parameter `name` among those `function.for_each_parameter_object` lists and loads it;
+//! unknown names raise an error listing the names the function has.
 template <class Module, class U>
-void load_named_parameter(Module& module, std::string_view owner, std::string_view name, const U* data,
+void load_named_parameter(Module& function, std::string_view owner, std::string_view name, const U* data,
                           const Shape& shape) {
   bool found = false;
   std::string known;
-  module.for_each_parameter_object([&](auto& p) {
+  function.for_each_parameter_object([&](auto& p) {
     if (p.name() == name) {
       p.load(data, shape, owner);
       found = true;

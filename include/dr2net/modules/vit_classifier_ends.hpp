@@ -21,11 +21,11 @@
 
 namespace dr2net {
 
-//! Appends every (name, value, grad) of `module` (anything with for_each_parameter: a stack,
+//! Appends every (name, value, grad) of `part` (anything with for_each_parameter: a stack,
 //! a VitEmbedding, a VitHead) to `out`, so one optimizer can own all of a model's parameters.
-template <class T, class Module>
-void append_parameters(std::vector<NamedParameter<T>>& out, Module& module) {
-  module.for_each_parameter([&](std::string_view name, TensorView<T> value, TensorView<T> grad) {
+template <class T, class Part>
+void append_parameters(std::vector<NamedParameter<T>>& out, Part& part) {
+  part.for_each_parameter([&](std::string_view name, TensorView<T> value, TensorView<T> grad) {
     out.push_back({std::string(name), value, grad});
   });
 }
