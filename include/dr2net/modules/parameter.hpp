@@ -110,4 +110,30 @@ void load_named_parameter(Module& function, std::string_view owner, std::string_
 }
 
 }  // namespace detail
+
+//! Base of residual functions whose parameters are Parameter-like objects (host Parameter<T>
+//! or a device twin) listed in order by Derived::for_each_parameter_object(fn). Provides the
+//! concept's for_each_parameter and a load by name that checks names and shapes; Derived
+//! names itself for error messages with `static constexpr std::string_view type_name`.
+template <class Derived>
+class NamedParameterSet {
+ public:
+  //! visit(name, value, grad) for every parameter, in for_each_parameter_object's order.
+  template <class V>
+  void for_each_parameter(V&& visit) {
+    self().for_each_parameter_object([&](auto& p) { p.visit(visit); });
+  }
+
+  //! Sets tensor `name` (a timm name, e.g. "attn.qkv.weight") from host `data` of shape
+  //! `shape`, converting U to the parameter type. Throws on an unknown name or a wrong shape,
+  //! naming the tensor.
+  template <class U>
+  void load(std::string_view name, const U* data, const Shape& shape) {
+    detail::load_named_parameter(self(), Derived::type_name, name, data, shape);
+  }
+
+ private:
+  Derived& self() { return static_cast<Derived&>(*this); }
+};
+
 }  // namespace dr2net

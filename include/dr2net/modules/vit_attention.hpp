@@ -44,8 +44,10 @@ struct VitAttentionConfig {
 };
 
 template <class T>
-class VitAttention {
+class VitAttention : public NamedParameterSet<VitAttention<T>> {
  public:
+  //! Names this function in error messages.
+  static constexpr std::string_view type_name = "VitAttention";
   using value_type = T;
   //! Keep timm's names verbatim inside a block.
   static constexpr std::string_view parameter_prefix = "";
@@ -154,26 +156,12 @@ class VitAttention {
     norm1_.backward(in.data(), mean, rstd, dxn.data(), L.rows, grad_in.data());  // accumulates into grad_in
   }
 
-  //! visit(name, value, grad) for norm1.weight, norm1.bias, attn.qkv.weight, attn.qkv.bias,
-  //! attn.proj.weight, attn.proj.bias.
-  template <class V>
-  void for_each_parameter(V&& visit) {
-    for_each_parameter_object([&](Parameter<T>& p) { p.visit(visit); });
-  }
-
   //! fn(Parameter<T>&) in the order of for_each_parameter.
   template <class Fn>
   void for_each_parameter_object(Fn&& fn) {
     norm1_.for_each_parameter_object(fn);
     qkv_.for_each_parameter_object(fn);
     proj_.for_each_parameter_object(fn);
-  }
-
-  //! Sets tensor `name` (a timm name, e.g. "attn.qkv.weight") from `data` of shape `shape`,
-  //! converting U to T. Throws on an unknown name or a wrong shape, naming the tensor.
-  template <class U>
-  void load(std::string_view name, const U* data, const Shape& shape) {
-    detail::load_named_parameter(*this, "VitAttention", name, data, shape);
   }
 
  private:

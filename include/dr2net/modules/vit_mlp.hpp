@@ -40,8 +40,10 @@ struct VitMlpConfig {
 };
 
 template <class T>
-class VitMlp {
+class VitMlp : public NamedParameterSet<VitMlp<T>> {
  public:
+  //! Names this function in error messages.
+  static constexpr std::string_view type_name = "VitMlp";
   using value_type = T;
   //! Keep timm's names verbatim inside a block.
   static constexpr std::string_view parameter_prefix = "";
@@ -121,26 +123,12 @@ class VitMlp {
     norm2_.backward(in.data(), mean, rstd, dxn.data(), L.rows, grad_in.data());  // accumulates into grad_in
   }
 
-  //! visit(name, value, grad) for norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
-  //! mlp.fc2.weight, mlp.fc2.bias.
-  template <class V>
-  void for_each_parameter(V&& visit) {
-    for_each_parameter_object([&](Parameter<T>& p) { p.visit(visit); });
-  }
-
   //! fn(Parameter<T>&) in the order of for_each_parameter.
   template <class Fn>
   void for_each_parameter_object(Fn&& fn) {
     norm2_.for_each_parameter_object(fn);
     fc1_.for_each_parameter_object(fn);
     fc2_.for_each_parameter_object(fn);
-  }
-
-  //! Sets tensor `name` (a timm name, e.g. "mlp.fc1.weight") from `data` of shape `shape`,
-  //! converting U to T. Throws on an unknown name or a wrong shape, naming the tensor.
-  template <class U>
-  void load(std::string_view name, const U* data, const Shape& shape) {
-    detail::load_named_parameter(*this, "VitMlp", name, data, shape);
   }
 
  private:

@@ -49,8 +49,10 @@ struct CudaFunctionOptions {
 };
 
 template <class T>
-class CudaVitAttention {
+class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>> {
  public:
+  //! Names this function in error messages.
+  static constexpr std::string_view type_name = "CudaVitAttention";
   using value_type = T;
   using context_type = CudaContext;
   using A = cuda_detail::acc_t<T>;
@@ -168,23 +170,13 @@ class CudaVitAttention {
     norm1_.backward(cx, in.data(), mean, rstd, dxn.data(), L.rows, grad_in.data());  // accumulates into grad_in
   }
 
-  //! visit(name, value, grad) with views of DEVICE memory, in the host twin's order.
-  template <class V>
-  void for_each_parameter(V&& visit) {
-    for_each_parameter_object([&](DeviceParameter<T>& p) { p.visit(visit); });
-  }
-
+  //! fn(DeviceParameter<T>&) in the host twin's order; for_each_parameter (NamedParameterSet)
+  //! therefore hands out views of DEVICE memory.
   template <class Fn>
   void for_each_parameter_object(Fn&& fn) {
     norm1_.for_each_parameter_object(fn);
     qkv_.for_each_parameter_object(fn);
     proj_.for_each_parameter_object(fn);
-  }
-
-  //! Sets tensor `name` from HOST `data` of shape `shape`, converting U to T.
-  template <class U>
-  void load(std::string_view name, const U* data, const Shape& shape) {
-    detail::load_named_parameter(*this, "CudaVitAttention", name, data, shape);
   }
 
  private:

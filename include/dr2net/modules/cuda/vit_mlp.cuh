@@ -38,8 +38,10 @@
 namespace dr2net {
 
 template <class T>
-class CudaVitMlp {
+class CudaVitMlp : public NamedParameterSet<CudaVitMlp<T>> {
  public:
+  //! Names this function in error messages.
+  static constexpr std::string_view type_name = "CudaVitMlp";
   using value_type = T;
   using context_type = CudaContext;
   using A = cuda_detail::acc_t<T>;
@@ -120,23 +122,13 @@ class CudaVitMlp {
     norm2_.backward(cx, in.data(), mean, rstd, dxn.data(), L.rows, grad_in.data());  // accumulates into grad_in
   }
 
-  //! visit(name, value, grad) with views of DEVICE memory, in the host twin's order.
-  template <class V>
-  void for_each_parameter(V&& visit) {
-    for_each_parameter_object([&](DeviceParameter<T>& p) { p.visit(visit); });
-  }
-
+  //! fn(DeviceParameter<T>&) in the host twin's order; for_each_parameter (NamedParameterSet)
+  //! therefore hands out views of DEVICE memory.
   template <class Fn>
   void for_each_parameter_object(Fn&& fn) {
     norm2_.for_each_parameter_object(fn);
     fc1_.for_each_parameter_object(fn);
     fc2_.for_each_parameter_object(fn);
-  }
-
-  //! Sets tensor `name` from HOST `data` of shape `shape`, converting U to T.
-  template <class U>
-  void load(std::string_view name, const U* data, const Shape& shape) {
-    detail::load_named_parameter(*this, "CudaVitMlp", name, data, shape);
   }
 
  private:
