@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <catch2/catch.hpp>
 #include <string>
 #include <vector>
@@ -228,6 +229,95 @@ TEST_CASE("reversible gradients equal standard gradients and central finite diff
       }
     }
   }
+}
+
+namespace {
+
+//! TanhLinear that also offers the adds-into members, counting how often the block uses them.
+template <class T>
+class AddingTanh : public TanhLinear<T> {
+ public:
+  AddingTanh(std::int64_t width, std::mt19937_64& rng, std::shared_ptr<int> adds)
+      : TanhLinear<T>(width, rng), adds_(std::move(adds)) {}
+  template <class Call>
+  bool adds_into(const Call&) const {
+    return true;
+  }
+  template <class Call>
+  void recompute_add(const Call& call, ConstView<T> in, ConstView<T> addend, double scale, TensorView<T> dst,
+                     TensorView<T> saved) {
+    std::vector<T> f(in.size());
+    this->recompute(call, in, TensorView<T>(f.data(), in.shape()), saved);
+    for (std::size_t i = 0; i < f.size(); ++i)
+      dst.data()[i] = scale == 0.0 ? f[i] : static_cast<T>(f[i] + static_cast<T>(scale) * addend.data()[i]);
+    ++*adds_;
+  }
+
+ private:
+  std::shared_ptr<int> adds_;
+};
+
+}  // namespace
+
+TEST_CASE("a function that adds into the stream replaces the combine pass with the same results", "[block][adds-into]") {
+  using T = double;
+  std::uint64_t seed;
+  auto rng = dr2net::testing::fresh_rng(seed);
+  INFO("seed " << seed);
+  using Adding = ReversibleDualResidual<AddingTanh<T>, SineGate<T>, ConstantSchedule, Fp64>;
+  static_assert(AddsInto<AddingTanh<T>> && !AddsInto<TanhLinear<T>>);
+  const Shape shape{2, 3, 5};
+  const auto n = static_cast<std::size_t>(shape.numel());
+  const int L = 3;
+  for (Coefficients c : {Coefficients{1.0, 0.0}, Coefficients{0.0, 1.0}, Coefficients{0.5, 0.5}, Coefficients{-0.4, 0.8}}) {
+    INFO("alpha " << c.alpha << " beta " << c.beta);
+    const std::uint64_t weights = rng();
+    std::mt19937_64 wa(weights), wb(weights);
+    auto adds = std::make_shared<int>(0);
+    std::vector<Adding> adding_layers;
+    std::vector<Block<T>> plain_layers;
+    for (int l = 0; l < L; ++l) {
+      adding_layers.emplace_back(AddingTanh<T>(5, wa, adds), SineGate<T>(5, wa));
+      plain_layers.emplace_back(TanhLinear<T>(5, wb), SineGate<T>(5, wb));
+    }
+    HostContext ctx({.poison_allocations = true});
+    ReversibleStack<Adding> adding(ctx, std::move(adding_layers), ConstantSchedule(c.alpha, c.beta));
+    ReversibleStack<Block<T>> plain(ctx, std::move(plain_layers), ConstantSchedule(c.alpha, c.beta));
+    const auto h0 = dr2net::testing::random_vector<T>(n, rng);
+    const auto dout = dr2net::testing::random_vector<T>(n, rng);
+    plain.set_mode(BackpropMode::Standard);
+    const auto reference = run_step(plain, shape, h0, dout);
+    for (BackpropMode mode : {BackpropMode::Standard, BackpropMode::Reversible}) {
+      if (mode == BackpropMode::Reversible && c.beta == 0.0) continue;
+      adding.set_mode(mode);
+      *adds = 0;
+      adding.zero_grad();
+      std::vector<T> out(n), dh0(n);
+      adding.forward(ConstView<T>(h0.data(), shape), TensorView<T>(out.data(), shape), 0);
+      CHECK(*adds == L);  // every F added into the stream; no combine pass for it
+      adding.backward(ConstView<T>(dout.data(), shape), TensorView<T>(dh0.data(), shape));
+      // At beta = 0 or alpha = 0 the sum has two terms: the same rounding as the combine pass.
+      if (c.alpha == 0.0 || c.beta == 0.0) CHECK(out == reference.out);
+      CHECK(max_abs_diff(out, reference.out) <= 1e-13 * std::max(1.0, max_abs(reference.out)));
+      CHECK(max_abs_diff(dh0, reference.dh0) <= 1e-10 * std::max(1.0, max_abs(reference.dh0)));
+      auto params = adding.parameters();
+      for (std::size_t k = 0; k < params.size(); ++k) {
+        const auto g = copy_of(params[k].grad);
+        CHECK(max_abs_diff(g, reference.params[k]) <= 1e-10 * std::max(1.0, max_abs(reference.params[k])));
+      }
+    }
+  }
+  // Over fp32 compute with fp64 streams there is no stream of F's type to add into: the block
+  // keeps the combine pass.
+  using Mixed = ReversibleDualResidual<AddingTanh<float>, SineGate<float>, ConstantSchedule, Fp64StreamsFp32Compute>;
+  auto adds = std::make_shared<int>(0);
+  std::vector<Mixed> layers;
+  layers.emplace_back(AddingTanh<float>(5, rng, adds), SineGate<float>(5, rng));
+  HostContext ctx;
+  ReversibleStack<Mixed> mixed(ctx, std::move(layers), ConstantSchedule(0.0, 1.0));
+  std::vector<double> h(n, 0.25), out(n);
+  mixed.forward(ConstView<double>(h.data(), shape), TensorView<double>(out.data(), shape), 0);
+  CHECK(*adds == 0);
 }
 
 TEST_CASE("mean-of-streams output and fp64 streams over fp32 compute give consistent gradients", "[block][grad]") {

@@ -291,17 +291,29 @@ TEST_CASE("VitMlp gradients match central differences (fp64)", "[vit][grad]") {
   }
 }
 
+namespace {
+
+//! A D = 6 attention (3 heads) or MLP (hidden 10) with drop-path 0.2 and dropout 0.3 and
+//! randomized parameters.
+template <class Fn>
+Fn dropping_function(std::mt19937_64& rng) {
+  Fn fn = [&] {
+    if constexpr (std::is_same_v<Fn, VitAttention<double>>) return Fn({6, 3, 1e-6, 0.2, 0.3}, rng());
+    else return Fn({6, 10, 1e-6, 0.2, 0.3}, rng());
+  }();
+  randomize(fn, rng);
+  return fn;
+}
+
+}  // namespace
+
 TEMPLATE_TEST_CASE("backward accumulates; forward and recompute agree bit for bit", "[vit][grad]", VitAttention<double>,
                    VitMlp<double>) {
   std::uint64_t seed;
   auto rng = dr2net::testing::fresh_rng(seed);
   INFO("seed " << seed);
   HostContext ctx({.poison_allocations = true});
-  TestType fn = [&] {
-    if constexpr (std::is_same_v<TestType, VitAttention<double>>) return TestType({6, 3, 1e-6, 0.2, 0.3}, rng());
-    else return TestType({6, 10, 1e-6, 0.2, 0.3}, rng());
-  }();
-  randomize(fn, rng);
+  auto fn = dropping_function<TestType>(rng);
   const Shape s{3, 5, 6};
   const auto n = static_cast<std::size_t>(s.numel());
   const auto x = random_vector<double>(n, rng, -2.0, 2.0);
@@ -398,6 +410,91 @@ TEST_CASE("in a reversible stack with drop-path and dropout, reversible gradient
     stack.forward(ConstView<double>(h0.data(), s), TensorView<double>(o0.data(), s), 0);
     stack.forward(ConstView<double>(h0.data(), s), TensorView<double>(o1.data(), s), 1);
     CHECK(o0 != o1);
+  }
+}
+
+TEMPLATE_TEST_CASE("recompute_add adds F's output into a destination; masks switch it off", "[vit][adds-into]",
+                   VitAttention<double>, VitMlp<double>) {
+  std::uint64_t seed;
+  auto rng = dr2net::testing::fresh_rng(seed);
+  INFO("seed " << seed);
+  HostContext ctx({.poison_allocations = true});
+  auto fn = dropping_function<TestType>(rng);
+  const Shape s{2, 7, 6};
+  const auto n = static_cast<std::size_t>(s.numel());
+  const auto x = random_vector<double>(n, rng, -2.0, 2.0);
+  const Call inference{ctx, 3, 5, rng(), false};
+  REQUIRE(fn.adds_into(inference));
+  const auto f = apply(fn, inference, s, x);
+  std::vector<double> ref_saved(fn.saved_elements(s), std::numeric_limits<double>::quiet_NaN());
+  std::vector<double> ref_out(n);
+  fn.recompute(inference, ConstView<double>(x.data(), s), TensorView<double>(ref_out.data(), s),
+               TensorView<double>(ref_saved.data(), Shape{static_cast<std::int64_t>(ref_saved.size())}));
+  const double tol = 1e-13 * std::max(1.0, max_abs(f));
+  for (double scale : {0.0, 1.0, -0.7}) {
+    for (bool alias : {false, true}) {
+      INFO("scale " << scale << (alias ? ", addend is the destination" : ", separate addend"));
+      const auto addend = random_vector<double>(n, rng, -3.0, 3.0);
+      std::vector<double> dst = alias ? addend : std::vector<double>(n, std::numeric_limits<double>::quiet_NaN());
+      // scale 0 must not read the addend: poison it.
+      std::vector<double> separate = scale == 0.0 ? std::vector<double>(n, std::numeric_limits<double>::quiet_NaN()) : addend;
+      const double* a = alias ? dst.data() : separate.data();
+      std::vector<double> saved(ref_saved.size(), std::numeric_limits<double>::quiet_NaN());
+      fn.recompute_add(inference, ConstView<double>(x.data(), s), ConstView<double>(a, s), scale,
+                       TensorView<double>(dst.data(), s), TensorView<double>(saved.data(), Shape{static_cast<std::int64_t>(saved.size())}));
+      double err = 0;
+      for (std::size_t i = 0; i < n; ++i) err = std::max(err, std::abs(dst[i] - (f[i] + scale * addend[i])));
+      CHECK(err <= tol * 4);
+      CHECK(saved == ref_saved);  // backward reads the same internals either way
+    }
+  }
+  // While training with drop-path or dropout, the output mask needs F's output alone.
+  const Call training{ctx, 3, 5, rng(), true};
+  CHECK_FALSE(fn.adds_into(training));
+  std::vector<double> dst(n, 0.0), saved(ref_saved.size());
+  CHECK_THROWS_WITH(fn.recompute_add(training, ConstView<double>(x.data(), s), ConstView<double>(dst.data(), s), 1.0,
+                                     TensorView<double>(dst.data(), s),
+                                     TensorView<double>(saved.data(), Shape{static_cast<std::int64_t>(saved.size())})),
+                    Catch::Contains("output mask"));
+  fn.set_adds_into(false);
+  CHECK_FALSE(fn.adds_into(inference));
+}
+
+TEST_CASE("in a stack, adding into the stream matches the separate combine pass; modes still agree",
+          "[vit][stack][adds-into]") {
+  std::uint64_t seed;
+  auto rng = dr2net::testing::fresh_rng(seed);
+  INFO("seed " << seed);
+  const Shape s{2, 5, 6};
+  const auto n = static_cast<std::size_t>(s.numel());
+  const VitLayerConfig cfg{6, 2, 12, 1e-6, 0.0, 0.0, DropPathRule::Uniform};
+  for (Coefficients c : {Coefficients{1.0, 0.0}, Coefficients{0.0, 1.0}, Coefficients{0.6, 0.3}}) {
+    INFO("alpha " << c.alpha << " beta " << c.beta);
+    HostContext ctx({.poison_allocations = true});
+    auto layers = random_layers(3, cfg, rng);
+    auto plain_layers = layers;  // same weights; these combine in a separate pass
+    for (auto& l : plain_layers) {
+      l.f().set_adds_into(false);
+      l.g().set_adds_into(false);
+    }
+    const std::uint64_t stack_seed = rng();
+    ReversibleStack<Layer> adding(ctx, std::move(layers), Sched(c), {.seed = stack_seed});
+    ReversibleStack<Layer> plain(ctx, std::move(plain_layers), Sched(c), {.seed = stack_seed});
+    const auto h0 = random_vector<double>(n, rng);
+    const auto dout = random_vector<double>(n, rng);
+    const bool invertible = c.beta != 0.0;
+    plain.set_mode(BackpropMode::Standard);
+    const auto reference = train_step(plain, s, h0, dout, 0);
+    for (BackpropMode mode : {BackpropMode::Standard, BackpropMode::Reversible}) {
+      if (mode == BackpropMode::Reversible && !invertible) continue;
+      INFO((mode == BackpropMode::Standard ? "standard" : "reversible") << " mode");
+      adding.set_mode(mode);
+      const auto r = train_step(adding, s, h0, dout, 0);
+      CHECK(max_abs_diff(r.out, reference.out) <= 1e-12 * std::max(1.0, max_abs(reference.out)));
+      CHECK(max_abs_diff(r.dh0, reference.dh0) <= 1e-10 * std::max(1.0, max_abs(reference.dh0)));
+      for (std::size_t k = 0; k < reference.grads.size(); ++k)
+        CHECK(max_abs_diff(r.grads[k], reference.grads[k]) <= 1e-10 * std::max(1.0, max_abs(reference.grads[k])));
+    }
   }
 }
 

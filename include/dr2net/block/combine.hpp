@@ -24,6 +24,19 @@ struct ForwardCombine {
   }
 };
 
+//! The part of a module's forward that does not involve F, in place over the x stream:
+//!   x <- alpha * y + beta * x
+//! used when F then adds its output into x itself (ResidualFunction's adds-into members).
+template <class S, class A>
+struct ForwardPreCombine {
+  S* x;        //!< in: x_{i-1}; out: alpha y_{i-1} + beta x_{i-1}
+  const S* y;  //!< y_{i-1}
+  A alpha, beta;
+  DR2NET_HD_INLINE void operator()(std::size_t i) const {
+    x[i] = static_cast<S>(alpha * static_cast<A>(y[i]) + beta * static_cast<A>(x[i]));
+  }
+};
+
 //! Inverse of one module, in place over the y stream:
 //!   x_{i-1} = (y_i - alpha * x_i - f) / beta   (f = F(x_i); written over y_i)
 template <class S, class C, class A>

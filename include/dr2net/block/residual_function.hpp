@@ -22,6 +22,16 @@
 //!       Calls visit(std::string_view name, TensorView<T> value, TensorView<T> grad) for every
 //!       parameter, so optimizers, clipping and all-reduce need not know the function's type.
 //!
+//! Optional, for a function whose last step can accumulate into its output (a GEMM with
+//! beta != 0), so the block need not write F's output and read it back in a combine pass:
+//!   bool adds_into(const ModuleCall<Ctx>&) const;
+//!       Whether this call can (false, say, while an output dropout or drop-path mask must
+//!       scale F's output alone).
+//!   void recompute_add(const ModuleCall<Ctx>&, ConstView<T> in, ConstView<T> addend, double scale,
+//!                      TensorView<T> dst, TensorView<T> saved);
+//!       dst = F(in) + scale * addend, with `saved` as recompute leaves it. `addend` may be
+//!       `dst` itself or `in`; `dst` never overlaps `in`. scale == 0 never reads `addend`.
+//!   The block uses it when the stream type is the compute type (see DESIGN's memory plan).
 //! Optional: `using context_type = ...;` (default HostContext) names the backend it runs on;
 //! `static constexpr std::string_view parameter_prefix = "...";` replaces the block's default
 //! "f"/"g" prefix of its parameter names (an empty prefix keeps the names as they are).
@@ -115,6 +125,13 @@ concept HasBackward = requires(F& f, const ModuleCall<C>& call, ConstView<T> in,
 
 template <class F, class T = typename detail::value_type_of<F>::type>
 concept HasParameters = requires(F& f, detail::ParameterVisitorArchetype<T> v) { f.for_each_parameter(v); };
+
+//! The optional adds-into members (see the file comment), checked for compute type T.
+template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
+concept AddsInto = requires(F& f, const F& cf, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> out) {
+  { cf.adds_into(call) } -> std::convertible_to<bool>;
+  f.recompute_add(call, in, in, 1.0, out, out);
+};
 
 //! A type usable as F or G in ReversibleDualResidual.
 template <class F>

@@ -294,18 +294,40 @@ class ReversibleDualResidual {
     }
   }
 
+  //! Whether the forward of Fn can let it add its output straight into the stream: it has
+  //! the adds-into members and the stream is its compute type.
+  template <class Fn>
+  static constexpr bool can_add_into = std::is_same_v<S, C> && AddsInto<Fn, C, context_type>;
+
   template <class Fn>
   static void module_forward(context_type& ctx, Fn& fn, const char* role, const ModuleCall<context_type>& mc,
                              Coefficients c, TensorView<S> x, TensorView<S> y, workspace_type& ws,
                              const module_storage_type* store) {
     const ConstView<C> in = as_compute(ctx, y, ws.in());
-    with_module(mc.module, role, [&] {
-      if (store) {  // standard mode: keep the input and the internals
-        for_each_index(ctx, y.size(), ConvertCopy<S, S>{store->input.data(), y.data()});
-        fn.recompute(mc, in, ws.f(), store->saved);
-      } else {
-        fn.forward(mc, in, ws.f(), ws.scratch());
+    if (store)  // standard mode: keep the input (and below, the internals)
+      for_each_index(ctx, y.size(), ConvertCopy<S, S>{store->input.data(), y.data()});
+    const TensorView<C> internals = store ? store->saved : ws.scratch();
+    if constexpr (can_add_into<Fn>) {
+      if (with_module(mc.module, role, [&] { return static_cast<bool>(std::as_const(fn).adds_into(mc)); })) {
+        // x <- F(y) + (alpha y + beta x) with F's last GEMM accumulating: at beta = 0 or
+        // alpha = 0 that GEMM is the only pass over x; otherwise one pre-combine pass first.
+        with_module(mc.module, role, [&] {
+          if (c.beta == 0.0) {
+            fn.recompute_add(mc, in, ConstView<C>(y), c.alpha, x, internals);
+          } else if (c.alpha == 0.0) {
+            fn.recompute_add(mc, in, ConstView<C>(x), c.beta, x, internals);
+          } else {
+            for_each_index(ctx, x.size(), ForwardPreCombine<S, A>{x.data(), y.data(), static_cast<A>(c.alpha),
+                                                                  static_cast<A>(c.beta)});
+            fn.recompute_add(mc, in, ConstView<C>(x), 1.0, x, internals);
+          }
+        });
+        return;
       }
+    }
+    with_module(mc.module, role, [&] {
+      if (store) fn.recompute(mc, in, ws.f(), internals);
+      else fn.forward(mc, in, ws.f(), internals);
     });
     for_each_index(ctx, x.size(),
                    ForwardCombine<S, C, A>{x.data(), y.data(), ws.f().data(), static_cast<A>(c.alpha), static_cast<A>(c.beta)});

@@ -101,4 +101,11 @@ DropScale<T> make_drop_scale(const ModuleCall<Ctx>& call, double drop_path, doub
   return s;
 }
 
+//! Whether no output mask applies in this call (inference, or both rates zero): then a
+//! function may add its output into a destination (ResidualFunction's adds-into members).
+template <class Ctx>
+bool output_unmasked(const ModuleCall<Ctx>& call, double drop_path, double dropout) {
+  return !call.training || (drop_path <= 0 && dropout <= 0);
+}
+
 }  // namespace dr2net

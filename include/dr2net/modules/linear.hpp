@@ -39,8 +39,21 @@ class Linear {
   }
 
   //! y[rows, out] = x[rows, in] W^T + b
-  void forward(const T* x, std::int64_t rows, T* y) const {
-    for (std::int64_t r = 0; r < rows; ++r) std::copy(bias_.data(), bias_.data() + out_, y + r * out_);
+  void forward(const T* x, std::int64_t rows, T* y) const { forward_add(x, rows, nullptr, T(0), y); }
+
+  //! y = x W^T + b + scale * addend, the GEMM accumulating onto (b + scale * addend).
+  //! `addend` [rows, out] may be y itself; scale == 0 never reads it.
+  void forward_add(const T* x, std::int64_t rows, const T* addend, T scale, T* y) const {
+    const T* b = bias_.data();
+    for (std::int64_t r = 0; r < rows; ++r) {
+      T* yr = y + r * out_;
+      if (scale == T(0)) {
+        std::copy(b, b + out_, yr);
+      } else {
+        const T* ar = addend + r * out_;
+        for (std::int64_t j = 0; j < out_; ++j) yr[j] = scale * ar[j] + b[j];
+      }
+    }
     host_gemm<T>(Transpose::No, Transpose::Yes, rows, out_, in_, T(1), x, in_, weight_.data(), in_, T(1), y, out_);
   }
 

@@ -28,6 +28,7 @@
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
+#include "dr2net/modules/adds_into.hpp"
 #include "dr2net/modules/drop.hpp"
 #include "dr2net/modules/layer_norm.hpp"
 #include "dr2net/modules/linear.hpp"
@@ -44,7 +45,7 @@ struct VitAttentionConfig {
 };
 
 template <class T>
-class VitAttention : public NamedParameterSet<VitAttention<T>> {
+class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAddsInto<VitAttention<T>> {
  public:
   //! Names this function in error messages.
   static constexpr std::string_view type_name = "VitAttention";
@@ -78,30 +79,7 @@ class VitAttention : public NamedParameterSet<VitAttention<T>> {
   }
 
   void recompute(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
-    const Layout L = layout(in.shape());
-    check_views(in, out, saved.size(), L, "forward");
-    const std::int64_t B = L.batch, N = L.tokens, D = config_.dim, H = config_.num_heads, hd = head_dim();
-    T* s = saved.data();
-    T *xn = s + L.xn, *mean = s + L.mean, *rstd = s + L.rstd, *qkv = s + L.qkv, *probs = s + L.probs, *ctx = s + L.ctx;
-
-    norm1_.forward(in.data(), L.rows, xn, mean, rstd);
-    qkv_.forward(xn, L.rows, qkv);
-    const T scale = attention_scale();
-    for (std::int64_t b = 0; b < B; ++b) {
-      for (std::int64_t h = 0; h < H; ++h) {
-        // q, k, v of (b, h): N x hd blocks of the qkv rows, leading dimension 3D.
-        const T* q = qkv + b * N * 3 * D + h * hd;
-        const T *k = q + D, *v = q + 2 * D;
-        T* p = probs + (b * H + h) * N * N;
-        host_gemm<T>(Transpose::No, Transpose::Yes, N, N, hd, scale, q, 3 * D, k, 3 * D, T(0), p, N);  // S = q k^T s
-        softmax_rows_inplace(p, N, N, N);                                                              // P = softmax(S)
-        host_gemm<T>(Transpose::No, Transpose::No, N, hd, N, T(1), p, N, v, 3 * D, T(0), ctx + b * N * D + h * hd,
-                     D);  // ctx[b, :, head h] = P v
-      }
-    }
-    proj_.forward(ctx, L.rows, out.data());
-    const DropScale<T> drop = output_drop(call, L);
-    if (drop.active()) for_each_index(call.context, out.size(), ApplyDropScale<T>{out.data(), out.data(), drop});
+    compute(call, in, out, saved, nullptr, 0.0);
   }
 
   void backward(const ModuleCall<HostContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
@@ -165,6 +143,39 @@ class VitAttention : public NamedParameterSet<VitAttention<T>> {
   }
 
  private:
+  friend class OutputAddsInto<VitAttention<T>>;
+  double output_drop_path() const { return config_.drop_path; }
+  double output_dropout() const { return config_.proj_drop; }
+
+  //! F(in) into out (+ addend_scale * addend when addend is not null), internals into saved.
+  void compute(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved,
+               const T* addend, double addend_scale) {
+    const Layout L = layout(in.shape());
+    check_views(in, out, saved.size(), L, "forward");
+    const std::int64_t B = L.batch, N = L.tokens, D = config_.dim, H = config_.num_heads, hd = head_dim();
+    T* s = saved.data();
+    T *xn = s + L.xn, *mean = s + L.mean, *rstd = s + L.rstd, *qkv = s + L.qkv, *probs = s + L.probs, *ctx = s + L.ctx;
+
+    norm1_.forward(in.data(), L.rows, xn, mean, rstd);
+    qkv_.forward(xn, L.rows, qkv);
+    const T scale = attention_scale();
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t h = 0; h < H; ++h) {
+        // q, k, v of (b, h): N x hd blocks of the qkv rows, leading dimension 3D.
+        const T* q = qkv + b * N * 3 * D + h * hd;
+        const T *k = q + D, *v = q + 2 * D;
+        T* p = probs + (b * H + h) * N * N;
+        host_gemm<T>(Transpose::No, Transpose::Yes, N, N, hd, scale, q, 3 * D, k, 3 * D, T(0), p, N);  // S = q k^T s
+        softmax_rows_inplace(p, N, N, N);                                                              // P = softmax(S)
+        host_gemm<T>(Transpose::No, Transpose::No, N, hd, N, T(1), p, N, v, 3 * D, T(0), ctx + b * N * D + h * hd,
+                     D);  // ctx[b, :, head h] = P v
+      }
+    }
+    proj_.forward_add(ctx, L.rows, addend, static_cast<T>(addend_scale), out.data());
+    const DropScale<T> drop = output_drop(call, L);
+    if (drop.active()) for_each_index(call.context, out.size(), ApplyDropScale<T>{out.data(), out.data(), drop});
+  }
+
   //! Offsets of the saved internals in the scratch, and their total.
   struct Layout {
     std::int64_t batch = 0, tokens = 0, rows = 0;

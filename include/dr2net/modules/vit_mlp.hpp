@@ -24,6 +24,7 @@
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
+#include "dr2net/modules/adds_into.hpp"
 #include "dr2net/modules/drop.hpp"
 #include "dr2net/modules/layer_norm.hpp"
 #include "dr2net/modules/linear.hpp"
@@ -40,7 +41,7 @@ struct VitMlpConfig {
 };
 
 template <class T>
-class VitMlp : public NamedParameterSet<VitMlp<T>> {
+class VitMlp : public NamedParameterSet<VitMlp<T>>, public OutputAddsInto<VitMlp<T>> {
  public:
   //! Names this function in error messages.
   static constexpr std::string_view type_name = "VitMlp";
@@ -73,20 +74,7 @@ class VitMlp : public NamedParameterSet<VitMlp<T>> {
   }
 
   void recompute(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
-    const Layout L = layout(in.shape());
-    check_views(in, out, saved.size(), L, "forward");
-    T* s = saved.data();
-    T *xn = s + L.xn, *mean = s + L.mean, *rstd = s + L.rstd, *z = s + L.z, *a = s + L.a;
-    const auto nh = static_cast<std::size_t>(L.rows * config_.hidden);
-
-    norm2_.forward(in.data(), L.rows, xn, mean, rstd);
-    fc1_.forward(xn, L.rows, z);
-    for_each_index(call.context, nh, GeluForward<T>{a, z});  // a = gelu(z)
-    const DropScale<T> hidden_drop = hidden_drop_scale(call, L);
-    if (hidden_drop.active()) for_each_index(call.context, nh, ApplyDropScale<T>{a, a, hidden_drop});
-    fc2_.forward(a, L.rows, out.data());
-    const DropScale<T> drop = output_drop(call, L);
-    if (drop.active()) for_each_index(call.context, out.size(), ApplyDropScale<T>{out.data(), out.data(), drop});
+    compute(call, in, out, saved, nullptr, 0.0);
   }
 
   void backward(const ModuleCall<HostContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
@@ -132,6 +120,29 @@ class VitMlp : public NamedParameterSet<VitMlp<T>> {
   }
 
  private:
+  friend class OutputAddsInto<VitMlp<T>>;
+  double output_drop_path() const { return config_.drop_path; }
+  double output_dropout() const { return config_.drop; }
+
+  //! F(in) into out (+ addend_scale * addend when addend is not null), internals into saved.
+  void compute(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved,
+               const T* addend, double addend_scale) {
+    const Layout L = layout(in.shape());
+    check_views(in, out, saved.size(), L, "forward");
+    T* s = saved.data();
+    T *xn = s + L.xn, *mean = s + L.mean, *rstd = s + L.rstd, *z = s + L.z, *a = s + L.a;
+    const auto nh = static_cast<std::size_t>(L.rows * config_.hidden);
+
+    norm2_.forward(in.data(), L.rows, xn, mean, rstd);
+    fc1_.forward(xn, L.rows, z);
+    for_each_index(call.context, nh, GeluForward<T>{a, z});  // a = gelu(z)
+    const DropScale<T> hidden_drop = hidden_drop_scale(call, L);
+    if (hidden_drop.active()) for_each_index(call.context, nh, ApplyDropScale<T>{a, a, hidden_drop});
+    fc2_.forward_add(a, L.rows, addend, static_cast<T>(addend_scale), out.data());
+    const DropScale<T> drop = output_drop(call, L);
+    if (drop.active()) for_each_index(call.context, out.size(), ApplyDropScale<T>{out.data(), out.data(), drop});
+  }
+
   struct Layout {
     std::int64_t batch = 0, tokens = 0, rows = 0;
     std::size_t xn = 0, mean = 0, rstd = 0, z = 0, a = 0, total = 0;
