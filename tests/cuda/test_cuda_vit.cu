@@ -1,8 +1,9 @@
 // The device ViT residual functions against their host twins: CudaLinear vs Linear,
 // CudaVitAttention vs VitAttention, CudaVitMlp vs VitMlp (outputs, accumulated input
 // gradients, parameter gradients; fp32 tight, bf16/fp16 loose, from the tolerance table),
-// drop masks bit for bit, a whole device ViT stack against the host stack, reversible vs
-// standard on the device, and peak activation bytes that do not grow with depth.
+// adding into a destination (the last GEMM's C), drop masks bit for bit, a whole device ViT
+// stack against the host stack, reversible vs standard on the device, and peak activation
+// bytes that do not grow with depth.
 // Outputs and saved internals are poisoned (NaN) before every launch; token counts are odd
 // and there are several heads.
 
@@ -104,6 +105,26 @@ void compare_function(CudaContext& ctx, HostF& host, DevF& dev, const Shape& sha
   GPU_CHECK(hnames == dnames, "parameter names or order differ");
   for (std::size_t p = 0; p < hgrads.size() && p < dgrads.size(); ++p)
     close_scaled(dgrads[p], hgrads[p], tol.gradient, "gradient of " + hnames[p]);
+
+  // Adding into a destination (the last GEMM's C): the same call decision on both backends,
+  // and out = F(in) + scale * addend with the addend apart or being the destination itself.
+  GPU_CHECK(dev.adds_into(dcall) == host.adds_into(hcall), "host and device disagree on adds_into");
+  if (!dev.adds_into(dcall)) return;
+  for (double scale : {1.0, -0.5}) {
+    const auto addend = random_in<T>(n, rng);
+    std::vector<float> hdst = addend;
+    host.recompute_add(hcall, ConstView<float>(in.data(), shape), ConstView<float>(hdst.data(), shape), scale,
+                       TensorView<float>(hdst.data(), shape),
+                       TensorView<float>(hsaved.data(), Shape{static_cast<std::int64_t>(hsaved.size())}));
+    auto dsame = to_device(ctx, to_type<T>(addend)), dapart = to_device(ctx, to_type<T>(addend));
+    auto dpoisoned = ctx.allocate<T>(n, MemoryCategory::Other);
+    dev.recompute_add(dcall, ConstView<T>(din.data(), shape), ConstView<T>(dsame.data(), shape), scale, dsame.view(shape),
+                      dsaved.view(sshape));
+    dev.recompute_add(dcall, ConstView<T>(din.data(), shape), ConstView<T>(dapart.data(), shape), scale,
+                      dpoisoned.view(shape), dsaved.view(sshape));
+    GPU_CHECK_CLOSE(as_float(to_host(ctx, dsame.data(), n)), hdst, tol.function);
+    GPU_CHECK_CLOSE(as_float(to_host(ctx, dpoisoned.data(), n)), hdst, tol.function);
+  }
 }
 
 template <class T>
@@ -131,6 +152,14 @@ void linear_case(CudaContext& ctx, std::mt19937_64& rng) {
   dev.backward(ctx, dxd.data(), dyd.data(), rows, dxo.data());
   GPU_CHECK_CLOSE(as_float(to_host(ctx, yd.data(), y.size())), y, tol.function);
   GPU_CHECK_CLOSE(as_float(to_host(ctx, dxo.data(), dx.size())), dx, tol.gradient);
+  // y = x W^T + b + 0.75 * addend in one GEMM, into a poisoned destination.
+  const auto addend = random_in<T>(y.size(), rng);
+  std::vector<float> ya(y.size());
+  host.forward_add(x.data(), rows, addend.data(), 0.75f, ya.data());
+  auto da = to_device(ctx, to_type<T>(addend));
+  auto yad = ctx.allocate<T>(y.size(), MemoryCategory::Other);
+  dev.forward_add(ctx, dxd.data(), rows, da.data(), 0.75f, yad.data());
+  GPU_CHECK_CLOSE(as_float(to_host(ctx, yad.data(), y.size())), ya, tol.function);
   close_scaled(as_float(to_host(ctx, dev.weight().grad_data(), dev.weight().size())),
                std::vector<float>(host.weight().grad().data(), host.weight().grad().data() + host.weight().size()),
                tol.gradient, "weight gradient");

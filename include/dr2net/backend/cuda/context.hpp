@@ -13,8 +13,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
+#include <typeindex>
+#include <typeinfo>
+#include <unordered_map>
 #include <utility>
 
 #include "dr2net/backend/cuda/error.hpp"
@@ -103,6 +107,7 @@ class CudaContext {
   CudaContext(const CudaContext&) = delete;
   CudaContext& operator=(const CudaContext&) = delete;
   ~CudaContext() {
+    extensions_.clear();
     workspace_.reset();
     if (lt_) cublasLtDestroy(lt_);
     if (blas_) cublasDestroy(blas_);
@@ -143,6 +148,15 @@ class CudaContext {
     return workspace_.data();
   }
   std::size_t gemm_workspace_bytes() const noexcept { return workspace_.size(); }
+
+  //! The context's one object of type X, default-constructed on first use and destroyed with
+  //! the context: state that device functions keep per context (cuBLASLt GEMM plans, say).
+  template <class X>
+  X& extension() {
+    std::shared_ptr<void>& slot = extensions_[std::type_index(typeid(X))];
+    if (!slot) slot = std::make_shared<X>();
+    return *static_cast<X*>(slot.get());
+  }
 
   //! `count` elements of T from the stream-ordered pool, metered under `category`.
   //! Out of memory throws, saying what was asked and what the meter held.
@@ -201,6 +215,7 @@ class CudaContext {
   MemoryMeter meter_;
   ReconstructionReport reconstruction_;
   DeviceBuffer<std::byte> workspace_;
+  std::unordered_map<std::type_index, std::shared_ptr<void>> extensions_;
 };
 
 template <class T>

@@ -3,7 +3,7 @@
 //! CudaLinear<T>: the device twin of modules/linear.hpp's Linear<T>, weight [out, in] and bias
 //! [out] in device memory, y = x W^T + b over rows of x, through cuBLASLt with the bias epilogue.
 //!
-//!   forward:  y = x W^T + b                      (one cublasLtMatmul, BIAS epilogue)
+//!   forward:  y = x W^T + b (+ s * addend)       (one cublasLtMatmul, BIAS epilogue)
 //!   backward: dW += dy^T x                        (GEMM, beta = 1)
 //!             db += sum over rows of dy           (column_sums, fp32)
 //!             dx = dy W  (or += with beta = 1)    (GEMM)
@@ -51,8 +51,14 @@ class CudaLinear {
 
   //! y[rows, out] = x[rows, in] W^T + b (device pointers).
   void forward(CudaContext& ctx, const T* x, std::int64_t rows, T* y) const {
-    device_gemm<T>(ctx, Transpose::No, Transpose::Yes, rows, out_, in_, A(1), x, in_, weight_.data(), in_, A(0), y,
-                   out_, bias_.data(), tf32_);
+    forward_add(ctx, x, rows, nullptr, A(0), y);
+  }
+
+  //! y = x W^T + b + scale * addend in one GEMM (beta = scale, C = addend, D = y); addend
+  //! [rows, out] may be y itself; scale == 0 never reads it.
+  void forward_add(CudaContext& ctx, const T* x, std::int64_t rows, const T* addend, A scale, T* y) const {
+    device_gemm_into<T>(ctx, Transpose::No, Transpose::Yes, rows, out_, in_, A(1), x, in_, weight_.data(), in_, scale,
+                        scale == A(0) ? y : addend, y, out_, bias_.data(), tf32_);
   }
 
   //! Given x and dy = dL/dy: dW += dy^T x, db += sum over rows of dy, and (when dx is not

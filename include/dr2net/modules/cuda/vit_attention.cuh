@@ -31,6 +31,7 @@
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
+#include "dr2net/modules/adds_into.hpp"
 #include "dr2net/modules/cuda/activation.cuh"
 #include "dr2net/modules/cuda/gemm.cuh"
 #include "dr2net/modules/cuda/layer_norm.cuh"
@@ -49,7 +50,7 @@ struct CudaFunctionOptions {
 };
 
 template <class T>
-class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>> {
+class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>>, public OutputAddsInto<CudaVitAttention<T>> {
  public:
   //! Names this function in error messages.
   static constexpr std::string_view type_name = "CudaVitAttention";
@@ -88,32 +89,7 @@ class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>> {
   }
 
   void recompute(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
-    const Layout L = layout(in.shape());
-    check_views(in, out, saved.size(), L, "forward");
-    CudaContext& cx = call.context;
-    const std::int64_t B = L.batch, N = L.tokens, D = config_.dim, H = config_.num_heads, hd = head_dim();
-    T* s = saved.data();
-    A* mean = reinterpret_cast<A*>(s + L.mean);
-    A* rstd = reinterpret_cast<A*>(s + L.rstd);
-    T *xn = s + L.xn, *qkv = s + L.qkv, *probs = s + L.probs, *ctx = s + L.ctx;
-
-    norm1_.forward(cx, in.data(), L.rows, xn, mean, rstd);
-    qkv_.forward(cx, xn, L.rows, qkv);
-    const A scale = attention_scale();
-    for (std::int64_t b = 0; b < B; ++b) {
-      const T* q = qkv + b * N * 3 * D;  // head h: + h hd
-      device_gemm_strided_batched<T>(cx, Transpose::No, Transpose::Yes, N, N, hd, scale, q, 3 * D, hd, q + D, 3 * D,
-                                     hd, A(0), probs + b * H * N * N, N, N * N, H, tf32_);  // S = q k^T s
-    }
-    softmax_rows_inplace<T>(cx, probs, B * H * N, N, N);  // P = softmax(S)
-    for (std::int64_t b = 0; b < B; ++b) {
-      const T* v = qkv + b * N * 3 * D + 2 * D;
-      device_gemm_strided_batched<T>(cx, Transpose::No, Transpose::No, N, hd, N, A(1), probs + b * H * N * N, N, N * N,
-                                     v, 3 * D, hd, A(0), ctx + b * N * D, D, hd, H, tf32_);  // ctx[b, :, h] = P v
-    }
-    proj_.forward(cx, ctx, L.rows, out.data());
-    const DropScale<A> drop = output_drop(call, L);
-    if (drop.active()) for_each_index(cx, out.size(), cuda_detail::DropApply<T>{out.data(), out.data(), drop});
+    compute(call, in, out, saved, nullptr, 0.0);
   }
 
   void backward(const ModuleCall<CudaContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
@@ -180,6 +156,41 @@ class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>> {
   }
 
  private:
+  friend class OutputAddsInto<CudaVitAttention<T>>;
+  double output_drop_path() const { return config_.drop_path; }
+  double output_dropout() const { return config_.proj_drop; }
+
+  //! F(in) into out (+ addend_scale * addend when addend is not null), internals into saved.
+  void compute(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved,
+               const T* addend, double addend_scale) {
+    const Layout L = layout(in.shape());
+    check_views(in, out, saved.size(), L, "forward");
+    CudaContext& cx = call.context;
+    const std::int64_t B = L.batch, N = L.tokens, D = config_.dim, H = config_.num_heads, hd = head_dim();
+    T* s = saved.data();
+    A* mean = reinterpret_cast<A*>(s + L.mean);
+    A* rstd = reinterpret_cast<A*>(s + L.rstd);
+    T *xn = s + L.xn, *qkv = s + L.qkv, *probs = s + L.probs, *ctx = s + L.ctx;
+
+    norm1_.forward(cx, in.data(), L.rows, xn, mean, rstd);
+    qkv_.forward(cx, xn, L.rows, qkv);
+    const A scale = attention_scale();
+    for (std::int64_t b = 0; b < B; ++b) {
+      const T* q = qkv + b * N * 3 * D;  // head h: + h hd
+      device_gemm_strided_batched<T>(cx, Transpose::No, Transpose::Yes, N, N, hd, scale, q, 3 * D, hd, q + D, 3 * D,
+                                     hd, A(0), probs + b * H * N * N, N, N * N, H, tf32_);  // S = q k^T s
+    }
+    softmax_rows_inplace<T>(cx, probs, B * H * N, N, N);  // P = softmax(S)
+    for (std::int64_t b = 0; b < B; ++b) {
+      const T* v = qkv + b * N * 3 * D + 2 * D;
+      device_gemm_strided_batched<T>(cx, Transpose::No, Transpose::No, N, hd, N, A(1), probs + b * H * N * N, N, N * N,
+                                     v, 3 * D, hd, A(0), ctx + b * N * D, D, hd, H, tf32_);  // ctx[b, :, h] = P v
+    }
+    proj_.forward_add(cx, ctx, L.rows, addend, static_cast<A>(addend_scale), out.data());
+    const DropScale<A> drop = output_drop(call, L);
+    if (drop.active()) for_each_index(cx, out.size(), cuda_detail::DropApply<T>{out.data(), out.data(), drop});
+  }
+
   struct Layout {
     std::int64_t batch = 0, tokens = 0, rows = 0;
     std::size_t mean = 0, rstd = 0, xn = 0, qkv = 0, probs = 0, ctx = 0, total = 0;

@@ -26,6 +26,7 @@
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
+#include "dr2net/modules/adds_into.hpp"
 #include "dr2net/modules/cuda/activation.cuh"
 #include "dr2net/modules/cuda/layer_norm.cuh"
 #include "dr2net/modules/cuda/linear.cuh"
@@ -38,7 +39,7 @@
 namespace dr2net {
 
 template <class T>
-class CudaVitMlp : public NamedParameterSet<CudaVitMlp<T>> {
+class CudaVitMlp : public NamedParameterSet<CudaVitMlp<T>>, public OutputAddsInto<CudaVitMlp<T>> {
  public:
   //! Names this function in error messages.
   static constexpr std::string_view type_name = "CudaVitMlp";
@@ -74,21 +75,7 @@ class CudaVitMlp : public NamedParameterSet<CudaVitMlp<T>> {
   }
 
   void recompute(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
-    const Layout L = layout(in.shape());
-    check_views(in, out, saved.size(), L, "forward");
-    CudaContext& cx = call.context;
-    T* s = saved.data();
-    A* mean = reinterpret_cast<A*>(s + L.mean);
-    A* rstd = reinterpret_cast<A*>(s + L.rstd);
-    T *xn = s + L.xn, *z = s + L.z, *a = s + L.a;
-    const auto nh = static_cast<std::size_t>(L.rows * config_.hidden);
-
-    norm2_.forward(cx, in.data(), L.rows, xn, mean, rstd);
-    fc1_.forward(cx, xn, L.rows, z);
-    for_each_index(cx, nh, cuda_detail::GeluDropForward<T>{a, z, hidden_drop(call)});  // a = gelu(z) * mask1
-    fc2_.forward(cx, a, L.rows, out.data());
-    const DropScale<A> drop = output_drop(call, L);
-    if (drop.active()) for_each_index(cx, out.size(), cuda_detail::DropApply<T>{out.data(), out.data(), drop});
+    compute(call, in, out, saved, nullptr, 0.0);
   }
 
   void backward(const ModuleCall<CudaContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
@@ -132,6 +119,30 @@ class CudaVitMlp : public NamedParameterSet<CudaVitMlp<T>> {
   }
 
  private:
+  friend class OutputAddsInto<CudaVitMlp<T>>;
+  double output_drop_path() const { return config_.drop_path; }
+  double output_dropout() const { return config_.drop; }
+
+  //! F(in) into out (+ addend_scale * addend when addend is not null), internals into saved.
+  void compute(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved,
+               const T* addend, double addend_scale) {
+    const Layout L = layout(in.shape());
+    check_views(in, out, saved.size(), L, "forward");
+    CudaContext& cx = call.context;
+    T* s = saved.data();
+    A* mean = reinterpret_cast<A*>(s + L.mean);
+    A* rstd = reinterpret_cast<A*>(s + L.rstd);
+    T *xn = s + L.xn, *z = s + L.z, *a = s + L.a;
+    const auto nh = static_cast<std::size_t>(L.rows * config_.hidden);
+
+    norm2_.forward(cx, in.data(), L.rows, xn, mean, rstd);
+    fc1_.forward(cx, xn, L.rows, z);
+    for_each_index(cx, nh, cuda_detail::GeluDropForward<T>{a, z, hidden_drop(call)});  // a = gelu(z) * mask1
+    fc2_.forward_add(cx, a, L.rows, addend, static_cast<A>(addend_scale), out.data());
+    const DropScale<A> drop = output_drop(call, L);
+    if (drop.active()) for_each_index(cx, out.size(), cuda_detail::DropApply<T>{out.data(), out.data(), drop});
+  }
+
   struct Layout {
     std::int64_t batch = 0, tokens = 0, rows = 0;
     std::size_t mean = 0, rstd = 0, xn = 0, z = 0, a = 0, total = 0;
