@@ -5,7 +5,12 @@
 //     CudaVitMlp in bf16 over fp32 streams) at 197 and 1568 tokens: training-step time and
 //     peak device memory (from the context's meter) in standard and reversible mode at the
 //     same batch; the largest batch each mode fits in a memory budget; and the reversible
-//     peak activation bytes of 12 vs 24 layers.
+//     peak activation bytes of 12 vs 24 layers (target: within 2%);
+//  3. the adds-into path (the last GEMM of each function accumulating into the stream, which
+//     needs the stream type to be the compute type): forward time of the same stack in fp32
+//     (TF32 GEMMs) at 197 tokens with adding on and off, at (alpha, beta) = (0, 1) where the
+//     GEMM is the only pass over the stream and at (0.5, 0.5) where one pre-combine pass
+//     stays.
 //
 // The largest batch: the meter's peak is affine in the batch (every buffer is a fixed size
 // plus a multiple of B), so it is measured at B = 1 and B = 2, solved for the budget, and the
@@ -101,6 +106,36 @@ struct StepFigure {
   double ms = 0;
   std::size_t peak_total = 0, peak_activation = 0;
 };
+
+using VitF32 = CudaVitLayer<float, ConstantSchedule, Fp32AllowTf32>;
+
+struct AddsIntoFigure {
+  double alpha = 0, beta = 0, ms_adding = 0, ms_separate = 0;
+};
+
+//! Forward time (12 layers, fp32 with TF32 GEMMs, inference so no masks) with the functions
+//! adding into the stream and with a separate combine pass, at one (alpha, beta).
+AddsIntoFigure adds_into_forward(CudaContext& ctx, double alpha, double beta, std::int64_t batch, int repeats) {
+  AddsIntoFigure f{alpha, beta};
+  ReversibleStack<VitF32> s(ctx, make_cuda_vit_layers<float, ConstantSchedule, Fp32AllowTf32>(
+                                     ctx, 12, VitLayerConfig{kDim, kHeads, kHidden, 1e-6, 0.0, 0.0, DropPathRule::Linear}, 1),
+                            ConstantSchedule(alpha, beta));
+  StepBuffers b(ctx, batch, 197);
+  const auto set = [&](bool on) {
+    for (int l = 0; l < s.num_layers(); ++l) {
+      s.layer(l).f().set_adds_into(on);
+      s.layer(l).g().set_adds_into(on);
+    }
+  };
+  const auto run = [&] { s.predict(ConstView<float>(b.h0.data(), b.shape), b.out.view(b.shape), 0); };
+  set(true);
+  f.ms_adding = time_ms(ctx, repeats, run);
+  set(false);
+  f.ms_separate = time_ms(ctx, repeats, run);
+  s.release_workspace();
+  ctx.synchronize();
+  return f;
+}
 
 //! Mean step time and the meter's peaks of one mode at one batch (workspace released after).
 StepFigure measure_step(CudaContext& ctx, VitStack& s, BackpropMode mode, std::int64_t batch, std::int64_t tokens,
@@ -240,6 +275,7 @@ int main(int argc, char** argv) {
     std::vector<StepFigure> steps;
     std::vector<BudgetFigure> budgets;
     std::size_t peak12 = 0, peak24 = 0;
+    std::vector<AddsIntoFigure> adds;
     const auto budget = static_cast<std::size_t>(budget_gib * 1073741824.0);
     if (vit) {
       const int vit_repeats = repeats < 5 ? repeats : 5;
@@ -266,7 +302,15 @@ int main(int argc, char** argv) {
       for (const auto& b : budgets)
         std::printf("  %-11s tokens %5lld: %lld\n", b.mode.c_str(), static_cast<long long>(b.tokens),
                     static_cast<long long>(b.largest_batch));
-      std::printf("reversible peak activation, 197 tokens, batch 8: 12 layers %zu B, 24 layers %zu B\n", peak12, peak24);
+      std::printf("reversible peak activation, 197 tokens, batch 8: 12 layers %zu B, 24 layers %zu B (ratio %.4f)\n",
+                  peak12, peak24, static_cast<double>(peak24) / static_cast<double>(peak12));
+      for (auto [alpha, beta] : {std::pair<double, double>{0.0, 1.0}, {0.5, 0.5}})
+        adds.push_back(adds_into_forward(ctx, alpha, beta, batch_197, vit_repeats));
+      std::printf("\nadds-into, fp32 (TF32 GEMMs), 12 layers, 197 tokens x %lld, forward only:\n",
+                  static_cast<long long>(batch_197));
+      for (const auto& a : adds)
+        std::printf("  (alpha, beta) = (%.1f, %.1f): adding %.2f ms, separate combine %.2f ms (ratio %.3f)\n", a.alpha,
+                    a.beta, a.ms_adding, a.ms_separate, a.ms_adding / a.ms_separate);
     }
 
     if (!json_path.empty()) {
@@ -292,7 +336,12 @@ int main(int argc, char** argv) {
             << budgets[i].bytes_per_sample << ", \"fixed_bytes\": " << budgets[i].fixed_bytes << "}"
             << (i + 1 < budgets.size() ? "," : "") << "\n";
         j << "    ],\n    \"reversible_peak_activation_bytes\": {\"layers_12\": " << peak12 << ", \"layers_24\": "
-          << peak24 << "}\n  },\n";
+          << peak24 << "},\n    \"adds_into_forward\": [\n";
+        for (std::size_t i = 0; i < adds.size(); ++i)
+          j << "      {\"alpha\": " << adds[i].alpha << ", \"beta\": " << adds[i].beta << ", \"tokens\": 197, \"batch\": "
+            << batch_197 << ", \"precision\": \"fp32, TF32 GEMMs\", \"ms_adding\": " << adds[i].ms_adding
+            << ", \"ms_separate_combine\": " << adds[i].ms_separate << "}" << (i + 1 < adds.size() ? "," : "") << "\n";
+        j << "    ]\n  },\n";
       } else {
         j << "  \"vit_step\": null,\n";
       }
@@ -309,9 +358,14 @@ int main(int argc, char** argv) {
           if (sd && rv)
             j << ", \"" << t << " tokens: reversible/standard peak\": "
               << static_cast<double>(rv->peak_total) / static_cast<double>(sd->peak_total) << ", \"" << t
-              << " tokens: reversible/standard step time\": " << rv->ms / sd->ms;
+              << " tokens: reversible/standard step time\": " << rv->ms / sd->ms << ", \"" << t
+              << " tokens: step time target (<= 1.4) met\": " << (rv->ms / sd->ms <= 1.4 ? "true" : "false");
         }
-        j << ", \"reversible peak activation 12 == 24 layers\": " << (peak12 == peak24 ? "true" : "false");
+        const double depth_ratio = static_cast<double>(peak24) / static_cast<double>(peak12);
+        j << ", \"reversible peak activation 24/12 layers\": " << depth_ratio
+          << ", \"depth target (within 2%) met\": " << (depth_ratio >= 0.98 && depth_ratio <= 1.02 ? "true" : "false");
+        for (const auto& a : adds)
+          j << ", \"adds-into/separate forward at (" << a.alpha << ", " << a.beta << ")\": " << a.ms_adding / a.ms_separate;
       }
       j << "}\n}\n";
     }

@@ -2,7 +2,9 @@
 """PyTorch reference for bench/gpu_vit_step.cu: a ViT-B/16-sized stack of pre-norm transformer
 blocks (D 768, 12 heads, MLP 3072, 12 layers; timm's conventions: LayerNorm eps 1e-6, erf GELU,
 scale head_dim^-0.5) in plain torch modules with standard autograd, bf16 autocast over fp32
-weights. Reports step time (forward + backward) and peak CUDA memory at 197 and 1568 tokens,
+weights. Reports step time (forward + backward) and peak CUDA memory (all of the caching
+allocator's live bytes: weights, gradients, activations; and the part above what was live
+before the step) at 197 and 1568 tokens,
 so gpu-check can set dr2net's figures beside PyTorch's. Usage: pytorch_vit_step.py [--json FILE]
 """
 import argparse
@@ -51,8 +53,9 @@ def step_figures(model, batch, tokens, d, repeats):
         step()
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) * 1e3 / repeats
-    return {"tokens": tokens, "batch": batch, "step_ms": ms,
-            "peak_bytes_above_base": torch.cuda.max_memory_allocated() - base}
+    peak = torch.cuda.max_memory_allocated()
+    return {"tokens": tokens, "batch": batch, "step_ms": ms, "peak_bytes": peak,
+            "peak_bytes_above_base": peak - base}
 
 
 def main():
