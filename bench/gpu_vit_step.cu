@@ -114,12 +114,13 @@ struct AddsIntoFigure {
 };
 
 //! Forward time (12 layers, fp32 with TF32 GEMMs, inference so no masks) with the functions
-//! adding into the stream and with a separate combine pass, at one (alpha, beta).
-AddsIntoFigure adds_into_forward(CudaContext& ctx, double alpha, double beta, std::int64_t batch, int repeats) {
-  AddsIntoFigure f{alpha, beta};
+//! adding into the stream and with a separate combine pass, at each (alpha, beta); one stack
+//! serves every point (its schedule is reassigned).
+std::vector<AddsIntoFigure> adds_into_forward(CudaContext& ctx, const std::vector<Coefficients>& points,
+                                              std::int64_t batch, int repeats) {
   ReversibleStack<VitF32> s(ctx, make_cuda_vit_layers<float, ConstantSchedule, Fp32AllowTf32>(
                                      ctx, 12, VitLayerConfig{kDim, kHeads, kHidden, 1e-6, 0.0, 0.0, DropPathRule::Linear}, 1),
-                            ConstantSchedule(alpha, beta));
+                            ConstantSchedule());
   StepBuffers b(ctx, batch, 197);
   const auto set = [&](bool on) {
     for (int l = 0; l < s.num_layers(); ++l) {
@@ -128,13 +129,19 @@ AddsIntoFigure adds_into_forward(CudaContext& ctx, double alpha, double beta, st
     }
   };
   const auto run = [&] { s.predict(ConstView<float>(b.h0.data(), b.shape), b.out.view(b.shape), 0); };
-  set(true);
-  f.ms_adding = time_ms(ctx, repeats, run);
-  set(false);
-  f.ms_separate = time_ms(ctx, repeats, run);
+  std::vector<AddsIntoFigure> figures;
+  for (const Coefficients& c : points) {
+    s.schedule() = ConstantSchedule(c);
+    AddsIntoFigure f{c.alpha, c.beta};
+    set(true);
+    f.ms_adding = time_ms(ctx, repeats, run);
+    set(false);
+    f.ms_separate = time_ms(ctx, repeats, run);
+    figures.push_back(f);
+  }
   s.release_workspace();
   ctx.synchronize();
-  return f;
+  return figures;
 }
 
 //! Mean step time and the meter's peaks of one mode at one batch (workspace released after).
@@ -304,8 +311,7 @@ int main(int argc, char** argv) {
                     static_cast<long long>(b.largest_batch));
       std::printf("reversible peak activation, 197 tokens, batch 8: 12 layers %zu B, 24 layers %zu B (ratio %.4f)\n",
                   peak12, peak24, static_cast<double>(peak24) / static_cast<double>(peak12));
-      for (auto [alpha, beta] : {std::pair<double, double>{0.0, 1.0}, {0.5, 0.5}})
-        adds.push_back(adds_into_forward(ctx, alpha, beta, batch_197, vit_repeats));
+      adds = adds_into_forward(ctx, {Coefficients{0.0, 1.0}, Coefficients{0.5, 0.5}}, batch_197, vit_repeats);
       std::printf("\nadds-into, fp32 (TF32 GEMMs), 12 layers, 197 tokens x %lld, forward only:\n",
                   static_cast<long long>(batch_197));
       for (const auto& a : adds)

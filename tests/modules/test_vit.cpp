@@ -456,6 +456,12 @@ TEMPLATE_TEST_CASE("recompute_add adds F's output into a destination; masks swit
                                      TensorView<double>(dst.data(), s),
                                      TensorView<double>(saved.data(), Shape{static_cast<std::int64_t>(saved.size())})),
                     Catch::Contains("output mask"));
+  // The destination may alias the addend, never the input.
+  std::vector<double> xin = x;
+  CHECK_THROWS_WITH(fn.recompute_add(inference, ConstView<double>(xin.data(), s), ConstView<double>(xin.data(), s), 1.0,
+                                     TensorView<double>(xin.data(), s),
+                                     TensorView<double>(saved.data(), Shape{static_cast<std::int64_t>(saved.size())})),
+                    Catch::Contains("overlaps the input"));
   fn.set_adds_into(false);
   CHECK_FALSE(fn.adds_into(inference));
 }

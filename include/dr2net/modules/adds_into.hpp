@@ -11,6 +11,7 @@
 //!   double output_drop_path() const; double output_dropout() const;   // rates of its output mask
 //!   static constexpr std::string_view type_name;
 
+#include <cstdint>
 #include <string>
 
 #include "dr2net/block/residual_function.hpp"
@@ -43,6 +44,11 @@ class OutputAddsInto {
     const std::string what = std::string(Derived::type_name) + " recompute_add: addend";
     check_shape(addend, in.shape(), what);
     check_contiguous(addend, what);
+    // The function reads `in` while its last GEMM writes `out`: they must not share memory.
+    const auto lo = [](const auto& v) { return reinterpret_cast<std::uintptr_t>(v.data()); };
+    const auto hi = [&](const auto& v) { return lo(v) + v.size() * sizeof(T); };
+    DR2NET_CHECK(in.size() == 0 || hi(out) <= lo(in) || hi(in) <= lo(out), Derived::type_name,
+                 " recompute_add: the destination overlaps the input");
     DR2NET_CHECK(adds_into(call), Derived::type_name,
                  " recompute_add: an output mask (drop-path or dropout) applies in this call, or adding is "
                  "switched off; ask adds_into(call) first");
