@@ -44,7 +44,7 @@ struct Options {
   std::string precision = "fp32";
   std::vector<std::string> modes{"reversible", "error-bounded"};
   double tolerance = 1e-5;
-  double budget = dr2net::ErrorBoundOptions{}.reconstruction_budget;
+  double budget = dr2net::ErrorBoundOptions{}.planning_margin;
   std::vector<double> alphas{1.0, 0.75, 0.5, 0.25, 0.0};
   std::vector<double> betas{0.1, 0.25, 0.5, 0.75, 1.0};
   int path = 0;  // > 0: the paper's path from (1, 0.1) to (0, 1) in `path` points instead of a grid
@@ -178,7 +178,8 @@ std::vector<Record> run(const Options& o, std::vector<std::pair<double, double>>
   ReversibleStack<Layer> stack(ctx, make_vit_layers<T, ConstantSchedule, P>(cfg.num_layers, cfg.dim, cfg.num_heads, cfg.hidden),
                                ConstantSchedule(0.0, 1.0),
                                {.mode = BackpropMode::Standard,
-                                .error_bound = {.tolerance = o.tolerance, .reconstruction_budget = o.budget}});
+                                .error_bound = {.stream_tolerance = o.tolerance, .planning_margin = o.budget},
+                                .guard = {.action = GuardAction::Warn, .warn = [](std::string_view) {}}});
   if (file) io::load_parameters(stack, *file);
   else pretrained_like(stack, o.seed);
 
@@ -229,7 +230,7 @@ std::vector<Record> run(const Options& o, std::vector<std::pair<double, double>>
         worst = std::max(worst, rel_l2(p.grad.data(), ref[k].data(), p.grad.size()));
         ++k;
       }
-      const auto& rep = ctx.reconstruction();
+      const auto& rep = stack.reconstruction();
       records.push_back({alpha, beta, m, worst, rel_l2(dh0.data(), ref_dh0.data(), n),
                          rep.input_compared ? rep.max_abs_error : NAN, rep.input_compared ? rep.relative_error : NAN,
                          rep.snapshots, peak, std_peak});

@@ -138,7 +138,7 @@ int run(const Args& a) {
   w.set_metadata("precision", a.precision);
   w.set_metadata("num_heads", std::to_string(cfg.num_heads));
   if (a.mode != "standard")
-    w.set_metadata("reconstruction_relative_error", std::to_string(ctx.reconstruction().relative_error));
+    w.set_metadata("reconstruction_relative_error", std::to_string(stack.reconstruction().relative_error));
   w.add("out", dtype, xr.shape, out.data());
   w.add("grad.x", dtype, xr.shape, dx.data());
   io::save_parameters(stack, w, dtype, "grad.", /*gradients=*/true);

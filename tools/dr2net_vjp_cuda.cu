@@ -86,7 +86,7 @@ int run_on_device(const std::string& weights_path, const std::string& input_path
   w.set_metadata("num_heads", std::to_string(cfg.num_heads));
   w.set_metadata("backend", "cuda");
   if (mode != "standard")
-    w.set_metadata("reconstruction_relative_error", std::to_string(ctx.reconstruction().relative_error));
+    w.set_metadata("reconstruction_relative_error", std::to_string(dev.reconstruction().relative_error));
   w.add("out", dtype, xr.shape, out.data());
   w.add("grad.x", dtype, xr.shape, dx.data());
   io::save_parameters(names, w, dtype, "grad.", /*gradients=*/true);

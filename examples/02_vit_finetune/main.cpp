@@ -242,7 +242,7 @@ TrainResult train(VitClassifier& model, dr2net::HostContext& ctx, const Labelled
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       progress.update(epoch + 1, tc.epochs, s + 1, per_epoch, loss_sum / static_cast<double>(s + 1),
                       100.0 * static_cast<double>(correct) / static_cast<double>(seen),
-                      model.stack().coefficients(step, 0), ctx.reconstruction().snapshots,
+                      model.stack().coefficients(step, 0), model.stack().reconstruction().snapshots,
                       static_cast<double>(s + 1) / secs, s + 1 == per_epoch);
     }
     result.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

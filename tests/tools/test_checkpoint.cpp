@@ -368,7 +368,7 @@ TEST_CASE("dr2net-vjp rejects bad input with one line and a non-zero status", "[
     w.write_file(dir.file("nodout.safetensors"));
   }
   const std::string W = " --weights " + dir.file("w.safetensors"), X = " --input " + dir.file("x.safetensors"),
-                    O = " --out " + dir.file("r.safetensors"), AB = " --alpha 1 --beta 0.5";
+                    O = " --out " + dir.file("r.safetensors"), AB = " --alpha 0 --beta 1";
   const std::vector<std::pair<std::string, std::string>> cases{
       {W + X + O + AB + " --mode sideways", "--mode"},
       {W + X + O + AB + " --precision fp16", "--precision"},
@@ -384,7 +384,7 @@ TEST_CASE("dr2net-vjp rejects bad input with one line and a non-zero status", "[
       {W + " --input " + dir.file("narrow.safetensors") + O + AB, "expected [B, N, 8]"},
       {W + " --input " + dir.file("nodout.safetensors") + O + AB, "dout"},
       {W + X + O + " --alpha 1 --beta 0", "not reversible"},
-      {W + X + " --out " + dir.file("no/such/dir/r.safetensors") + AB, "no/such/dir"},
+      {W + X + " --out " + dir.file("no/such/dir/r.safetensors") + AB + " --mode standard", "no/such/dir"},
   };
   for (const auto& [args, needle] : cases) {
     INFO(args);

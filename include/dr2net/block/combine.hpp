@@ -5,10 +5,20 @@
 //! for_each_index(); the arithmetic is in the precision policy's accumulate type.
 
 #include <cstddef>
+#include <cstdint>
 
 #include "dr2net/core/config.hpp"
+#include "dr2net/core/fixed_point.hpp"
 
 namespace dr2net {
+
+//! Sets *flag when v is NaN or infinite (flag may be null: no check). Passes that already
+//! read or write the data check it this way, so the checks cost no extra pass; every thread
+//! that finds a bad value stores the same 1.
+template <class T>
+DR2NET_HD_INLINE void flag_if_not_finite(std::uint32_t* flag, T v) {
+  if (flag != nullptr && fixed::not_finite(static_cast<double>(v))) *flag = 1;
+}
 
 //! Forward of one module, in place over the x stream:
 //!   y_i = alpha * y_{i-1} + f + beta * x_{i-1}   (f = F(y_{i-1}); written over x_{i-1})
@@ -19,8 +29,11 @@ struct ForwardCombine {
   const S* y;  //!< y_{i-1} = x_i
   const C* f;  //!< F(y_{i-1})
   A alpha, beta;
+  std::uint32_t* flag = nullptr;  //!< set when y_i is not finite (null: no check)
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
-    x[i] = static_cast<S>(alpha * static_cast<A>(y[i]) + static_cast<A>(f[i]) + beta * static_cast<A>(x[i]));
+    const A v = alpha * static_cast<A>(y[i]) + static_cast<A>(f[i]) + beta * static_cast<A>(x[i]);
+    flag_if_not_finite(flag, v);
+    x[i] = static_cast<S>(v);
   }
 };
 
@@ -64,10 +77,12 @@ struct BackwardCombine {
   const S* x;   //!< Reconstruct only: x_i
   const C* f;   //!< Reconstruct only: F(x_i)
   A alpha, beta;
+  std::uint32_t* flag = nullptr;  //!< set when dL/dy_{i-1} is not finite (null: no check)
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     const A g = static_cast<A>(gy[i]);
     A gxi = static_cast<A>(gx[i]) + alpha * g;
     if (jt != nullptr) gxi += static_cast<A>(jt[i]);
+    flag_if_not_finite(flag, gxi);
     gx[i] = static_cast<S>(gxi);
     gy[i] = static_cast<S>(beta * g);
     if constexpr (Reconstruct) {
@@ -111,6 +126,160 @@ struct Scale {
   const S* src;
   A a;
   DR2NET_HD_INLINE void operator()(std::size_t i) const { dst[i] = static_cast<S>(a * static_cast<A>(src[i])); }
+};
+
+//! The stack's first pass: x_0 = y_0 = h0 (quantized for fixed-point streams). Sets *flag
+//! when an element of h0 is not finite or, for fixed point, is outside the range.
+template <class S, class V>
+struct InitStreams {
+  S* x;
+  S* y;
+  const V* h0;
+  std::uint32_t* flag = nullptr;
+  DR2NET_HD_INLINE void operator()(std::size_t i) const {
+    if constexpr (is_fixed_point_v<S>) {
+      bool bad = false;
+      const std::int64_t raw = fixed::quantize(static_cast<double>(h0[i]), S::scale, bad);
+      if (bad && flag != nullptr) *flag = 1;
+      x[i] = S{raw};
+      y[i] = S{raw};
+    } else {
+      flag_if_not_finite(flag, h0[i]);
+      x[i] = static_cast<S>(h0[i]);
+      y[i] = static_cast<S>(h0[i]);
+    }
+  }
+};
+
+//! The stack's output: out = y_N, or (x_N + y_N) / 2 with `mean`; checked for finiteness.
+template <class S, class V, class A>
+struct StackOutputPass {
+  V* out;
+  const S* x;
+  const S* y;
+  bool mean;
+  std::uint32_t* flag = nullptr;
+  DR2NET_HD_INLINE void operator()(std::size_t i) const {
+    const A v = mean ? A(0.5) * (static_cast<A>(x[i]) + static_cast<A>(y[i])) : static_cast<A>(y[i]);
+    flag_if_not_finite(flag, v);
+    out[i] = static_cast<V>(v);
+  }
+};
+
+//! The backward's first pass: (gx_N, gy_N) from dout: (0, dout), or (dout/2, dout/2) for the
+//! mean of the streams; checked for finiteness.
+template <class V, class A>
+struct InitGradients {
+  V* gx;
+  V* gy;
+  const V* dout;
+  bool mean;
+  std::uint32_t* flag = nullptr;
+  DR2NET_HD_INLINE void operator()(std::size_t i) const {
+    const A d = static_cast<A>(dout[i]);
+    flag_if_not_finite(flag, d);
+    gx[i] = mean ? static_cast<V>(A(0.5) * d) : V(0);
+    gy[i] = mean ? static_cast<V>(A(0.5) * d) : static_cast<V>(d);
+  }
+};
+
+//! The backward's last pass: dh0 = gx_0 + gy_0; checked for finiteness.
+template <class V, class A>
+struct InputGradient {
+  V* dh0;
+  const V* gx;
+  const V* gy;
+  std::uint32_t* flag = nullptr;
+  DR2NET_HD_INLINE void operator()(std::size_t i) const {
+    const A v = static_cast<A>(gx[i]) + static_cast<A>(gy[i]);
+    flag_if_not_finite(flag, v);
+    dh0[i] = static_cast<V>(v);
+  }
+};
+
+//! dst[j] = src[j * stride]: the monitor's sample of a stream.
+template <class T>
+struct StridedGather {
+  T* dst;
+  const T* src;
+  std::size_t stride;
+  DR2NET_HD_INLINE void operator()(std::size_t j) const { dst[j] = src[j * stride]; }
+};
+
+//! Where a fixed-point module keeps the bits its beta-term loses: `width` bits per element,
+//! `per_word` elements to a 64-bit word, none straddling two words. Empty: nothing kept.
+struct SideBits {
+  std::uint64_t* words = nullptr;
+  int width = 0;
+  int per_word = 1;
+};
+
+//! Forward of one module over fixed-point streams, in place over the x stream, one work item
+//! per side-bit word (per element when nothing is kept):
+//!   Y_i = A(Y_{i-1}) + Q(f) + B(X_{i-1}),   side bits <- X_{i-1} - ceil(R 2^k / p)
+//! Sets *flag when f is not finite or a term or the sum leaves the fixed-point range.
+template <class S, class C>
+struct FixedForwardCombine {
+  S* x;        //!< in: X_{i-1}; out: Y_i
+  const S* y;  //!< Y_{i-1}
+  const C* f;  //!< F(deq Y_{i-1})
+  fixed::Coefficient alpha, beta;
+  SideBits side;  //!< words == nullptr: keep nothing (standard mode, or beta needs no bits)
+  std::size_t n;
+  std::uint32_t* flag;
+  DR2NET_HD_INLINE void operator()(std::size_t w) const {
+    const std::size_t per = static_cast<std::size_t>(side.per_word);
+    const std::size_t begin = w * per, end = begin + per < n ? begin + per : n;
+    std::uint64_t word = 0;
+    bool bad = false;
+    for (std::size_t i = begin; i < end; ++i) {
+      const std::int64_t yi = y[i].raw, xi = x[i].raw;
+      const std::int64_t tf = fixed::quantize(static_cast<double>(f[i]), S::scale, bad);
+      const std::int64_t ta = fixed::apply(alpha, yi);
+      const std::int64_t r = fixed::mul_floor(xi, beta.p);
+      const std::int64_t tb = beta.sign < 0 ? static_cast<std::int64_t>(0 - static_cast<std::uint64_t>(r)) : r;
+      const double bound = (alpha.value < 0 ? -alpha.value : alpha.value) * (yi < 0 ? -static_cast<double>(yi) : static_cast<double>(yi)) +
+                           (tf < 0 ? -static_cast<double>(tf) : static_cast<double>(tf)) +
+                           (beta.value < 0 ? -beta.value : beta.value) * (xi < 0 ? -static_cast<double>(xi) : static_cast<double>(xi));
+      if (!(bound < fixed::kLimit)) bad = true;
+      x[i] = S{fixed::wrapping_sum(ta, tf, tb)};
+      if (side.words != nullptr) {
+        const auto s = static_cast<std::uint64_t>(xi - fixed::ceil_div_mul(r, beta.p));
+        word |= s << ((i - begin) * static_cast<std::size_t>(side.width));
+      }
+    }
+    if (side.words != nullptr) side.words[w] = word;
+    if (bad && flag != nullptr) *flag = 1;
+  }
+};
+
+//! Inverse of one module over fixed-point streams, in place over the y stream, one work item
+//! per side-bit word:  R = Y_i - A(X_i) - Q(f);  X_{i-1} = ceil(R 2^k / p) + side bits.
+//! Bit-exact when f is bit-identical to the forward's. Sets *flag when f is not finite.
+template <class S, class C>
+struct FixedInverseCombine {
+  S* y;        //!< in: Y_i; out: X_{i-1}
+  const S* x;  //!< X_i = Y_{i-1}
+  const C* f;  //!< F(deq X_i)
+  fixed::Coefficient alpha, beta;
+  SideBits side;
+  std::size_t n;
+  std::uint32_t* flag;
+  DR2NET_HD_INLINE void operator()(std::size_t w) const {
+    const std::size_t per = static_cast<std::size_t>(side.per_word);
+    const std::size_t begin = w * per, end = begin + per < n ? begin + per : n;
+    const std::uint64_t word = side.words != nullptr ? side.words[w] : 0;
+    const std::uint64_t mask = side.width > 0 ? (std::uint64_t{1} << side.width) - 1 : 0;
+    bool bad = false;
+    for (std::size_t i = begin; i < end; ++i) {
+      const std::int64_t tf = fixed::quantize(static_cast<double>(f[i]), S::scale, bad);
+      const std::int64_t tb = fixed::wrapping_difference(y[i].raw, fixed::apply(alpha, x[i].raw), tf);
+      const std::int64_t r = beta.sign < 0 ? static_cast<std::int64_t>(0 - static_cast<std::uint64_t>(tb)) : tb;
+      const std::uint64_t s = (word >> ((i - begin) * static_cast<std::size_t>(side.width))) & mask;
+      y[i] = S{static_cast<std::int64_t>(static_cast<std::uint64_t>(fixed::ceil_div_mul(r, beta.p)) + s)};
+    }
+    if (bad && flag != nullptr) *flag = 1;
+  }
 };
 
 }  // namespace dr2net

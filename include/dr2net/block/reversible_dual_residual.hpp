@@ -18,7 +18,6 @@
 #include <type_traits>
 #include <utility>
 
-#include "dr2net/backend/host/context.hpp"
 #include "dr2net/block/combine.hpp"
 #include "dr2net/block/residual_function.hpp"
 #include "dr2net/core/error.hpp"
@@ -32,6 +31,15 @@ namespace dr2net {
 //! error grows by roughly 1/|beta| per module; below this it is numerically meaningless.
 inline constexpr double kDefaultMinAbsBeta = 1e-3;
 
+//! The check flags of one module: words that the passes reading its data set to 1 when they
+//! see a value that would make a result wrong (never cleared by the passes).
+enum class ModuleFlag : int {
+  Forward = 0,   //!< the module's output stream is not finite, or leaves the fixed-point range
+  Gradient = 1,  //!< the gradient it produced for its input stream is not finite
+  Inverse = 2,   //!< its recomputation in backward produced a non-finite value
+};
+inline constexpr int kModuleFlagCount = 3;
+
 //! Where a layer is and what it may do in this call.
 struct LayerCall {
   int layer = 0;                              //!< layer index; its modules are 2*layer and 2*layer+1
@@ -39,6 +47,12 @@ struct LayerCall {
   std::uint64_t seed = 0;                     //!< randomness seed for the residual functions
   bool training = true;                       //!< false: inference (no dropout, no drop-path)
   double min_abs_beta = kDefaultMinAbsBeta;   //!< reversible operations refuse |beta| below this
+  //! Check flags, kModuleFlagCount words per module of the stack (indexed by module), in the
+  //! backend's memory; null: no checks.
+  std::uint32_t* flags = nullptr;
+  //! Fixed-point streams in exact reversible mode: where modules F (0) and G (1) of this layer
+  //! keep their side bits (empty: keep none).
+  SideBits side[2] = {};
 };
 
 //! A backend's buffer type: what Ctx::allocate<T> returns.
@@ -62,10 +76,14 @@ struct LayerStorage {
 //! The temporaries one module needs, sized for the largest function it will serve:
 //! F's output, F's scratch, and in mixed precision compute-typed copies of the input and
 //! of the output gradient plus a separate input-gradient accumulator.
-template <class Ctx, class S, class C>
+//! `V` is the type of the stream gradients (the stream type, except for fixed-point streams).
+template <class Ctx, class S, class C, class V = S>
 class ModuleWorkspace {
  public:
-  static constexpr bool kMixed = !std::is_same_v<S, C>;
+  //! The function's input must be converted from the stream type.
+  static constexpr bool kMixedInput = !std::is_same_v<S, C>;
+  //! Its output gradient must be converted, and its input gradient kept apart.
+  static constexpr bool kMixedGradient = !std::is_same_v<V, C>;
 
   //! Makes room for streams of `shape` and `scratch_elements` of function scratch.
   void prepare(Ctx& ctx, const Shape& shape, std::size_t scratch_elements) {
@@ -74,8 +92,8 @@ class ModuleWorkspace {
     ctx.reserve(f_, n, MemoryCategory::Scratch);
     ctx.reserve(scratch_, scratch_elements, MemoryCategory::Scratch);
     scratch_elements_ = scratch_elements;
-    if constexpr (kMixed) {
-      ctx.reserve(in_, n, MemoryCategory::Scratch);
+    if constexpr (kMixedInput) ctx.reserve(in_, n, MemoryCategory::Scratch);
+    if constexpr (kMixedGradient) {
       ctx.reserve(gout_, n, MemoryCategory::Scratch);
       ctx.reserve(gin_, n, MemoryCategory::Scratch);
     }
@@ -92,13 +110,14 @@ class ModuleWorkspace {
   TensorView<C> f() const { return f_.view(shape_); }
   TensorView<C> scratch() const { return TensorView<C>(scratch_.data(), Shape{static_cast<std::int64_t>(scratch_elements_)}); }
   //! Compute-typed staging (mixed precision only; empty views otherwise).
-  TensorView<C> in() const { return staging(in_); }
-  TensorView<C> gout() const { return staging(gout_); }
-  TensorView<C> gin() const { return staging(gin_); }
+  TensorView<C> in() const { return staging<kMixedInput>(in_); }
+  TensorView<C> gout() const { return staging<kMixedGradient>(gout_); }
+  TensorView<C> gin() const { return staging<kMixedGradient>(gin_); }
 
  private:
+  template <bool Used>
   TensorView<C> staging(const buffer_t<Ctx, C>& b) const {
-    if constexpr (kMixed) return b.view(shape_);
+    if constexpr (Used) return b.view(shape_);
     else return {};
   }
 
@@ -120,8 +139,12 @@ class ReversibleDualResidual {
   using stream_type = typename PrecisionT::stream_type;
   using compute_type = typename PrecisionT::compute_type;
   using accumulate_type = typename PrecisionT::accumulate_type;
+  //! Type of the stack's input and output and of the stream gradients.
+  using value_type = policy_value_t<PrecisionT>;
   using context_type = context_type_t<F>;
-  using workspace_type = ModuleWorkspace<context_type, stream_type, compute_type>;
+  using workspace_type = ModuleWorkspace<context_type, stream_type, compute_type, value_type>;
+  //! Fixed-point streams: every reconstruction is exact (DESIGN §3a).
+  static constexpr bool exact = is_fixed_point_v<stream_type>;
   using storage_type = LayerStorage<stream_type, compute_type>;
   using module_storage_type = ModuleStorage<stream_type, compute_type>;
 
@@ -129,6 +152,7 @@ class ReversibleDualResidual {
   using S = stream_type;
   using C = compute_type;
   using A = accumulate_type;
+  using V = value_type;
 
  public:
 
@@ -156,11 +180,26 @@ class ReversibleDualResidual {
   }
 
   //! The layer's coefficients at this call; non-finite values from the schedule are errors.
+  //! With fixed-point streams they are the grid points nearest to the schedule's values
+  //! (multiples of 2^-24), the same in every mode and pass.
   static Coefficients coefficients(const ScheduleT& schedule, std::int64_t step, int module) {
-    const Coefficients c = schedule(step, module);
+    Coefficients c = schedule(step, module);
     DR2NET_CHECK(is_finite(c), "schedule gave non-finite (alpha, beta) = (", c.alpha, ", ", c.beta,
                  ") for module ", module, " at step ", step);
+    if constexpr (exact) {
+      DR2NET_CHECK(std::abs(c.alpha) <= fixed::kMaxCoefficient && std::abs(c.beta) <= fixed::kMaxCoefficient,
+                   "schedule gave (alpha, beta) = (", c.alpha, ", ", c.beta, ") for module ", module, " at step ",
+                   step, ": fixed-point streams take coefficients up to ", fixed::kMaxCoefficient, " in magnitude");
+      c = {fixed::quantize_coefficient(c.alpha).value, fixed::quantize_coefficient(c.beta).value};
+    }
     return c;
+  }
+
+  //! Side bits per element that module `module` keeps in exact reversible mode at these
+  //! coefficients (0 without fixed-point streams, or when |beta| >= 1).
+  static int side_bit_width(Coefficients c) {
+    if constexpr (exact) return fixed::side_bit_width(fixed::quantize_coefficient(c.beta).p);
+    else return 0;
   }
   //! Throws unless module `module` can be inverted at this step.
   static Coefficients reversible_coefficients(const ScheduleT& schedule, std::int64_t step, int module,
@@ -180,10 +219,11 @@ class ReversibleDualResidual {
     const int m = module_index(call, which);
     const Coefficients c = coefficients(schedule, call.step, m);
     const auto mc = module_call(ctx, call, m);
+    const SideBits side = store ? SideBits{} : call.side[which];
     if (which == 0)
-      module_forward(ctx, f_, "F", mc, c, x, y, ws, store);
+      module_forward(ctx, f_, "F", mc, c, x, y, ws, store, side, flag(call, m, ModuleFlag::Forward));
     else
-      module_forward(ctx, g_, "G", mc, c, y, x, ws, store);
+      module_forward(ctx, g_, "G", mc, c, y, x, ws, store, side, flag(call, m, ModuleFlag::Forward));
   }
 
   //! One module backward. On entry (x, y) are the streams after the module and (gx, gy) their
@@ -192,7 +232,7 @@ class ReversibleDualResidual {
   //! overwrote is reconstructed in the same pass (needs |beta| >= call.min_abs_beta); without,
   //! it is left as it was. With `store`, the stored input and internals are used (no recompute).
   void backward_module(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, int which,
-                       bool reconstruct, TensorView<S> x, TensorView<S> y, TensorView<S> gx, TensorView<S> gy,
+                       bool reconstruct, TensorView<S> x, TensorView<S> y, TensorView<V> gx, TensorView<V> gy,
                        workspace_type& ws, const module_storage_type* store = nullptr) {
     const int m = module_index(call, which);
     DR2NET_CHECK(!(reconstruct && store), "module ", m, ": reconstruction from stored inputs is meaningless");
@@ -201,9 +241,9 @@ class ReversibleDualResidual {
     const auto mc = module_call(ctx, call, m);
     // F reads y and wrote x; G reads x and wrote y. Each gradient buffer pairs with its stream.
     if (which == 0)
-      module_backward(ctx, f_, "F", mc, c, reconstruct, y, x, gy, gx, store, ws);
+      module_backward(ctx, f_, "F", mc, c, reconstruct, y, x, gy, gx, store, ws, call, m);
     else
-      module_backward(ctx, g_, "G", mc, c, reconstruct, x, y, gx, gy, store, ws);
+      module_backward(ctx, g_, "G", mc, c, reconstruct, x, y, gx, gy, store, ws, call, m);
   }
 
   //! (x, y) <- layer(x, y), in place; `store` (standard mode) keeps both modules' state.
@@ -219,8 +259,8 @@ class ReversibleDualResidual {
     const int mf = 2 * call.layer, mg = mf + 1;
     const Coefficients cg = reversible_coefficients(schedule, call.step, mg, call.min_abs_beta);
     const Coefficients cf = reversible_coefficients(schedule, call.step, mf, call.min_abs_beta);
-    module_inverse(ctx, g_, "G", module_call(ctx, call, mg), cg, y, x, ws);  // y_2 -> x_1 (G's input x_2 in x)
-    module_inverse(ctx, f_, "F", module_call(ctx, call, mf), cf, x, y, ws);  // y_1 -> x_0 (F's input x_1 in y)
+    module_inverse(ctx, g_, "G", module_call(ctx, call, mg), cg, y, x, ws, call.side[1], flag(call, mg, ModuleFlag::Inverse));  // y_2 -> x_1
+    module_inverse(ctx, f_, "F", module_call(ctx, call, mf), cf, x, y, ws, call.side[0], flag(call, mf, ModuleFlag::Inverse));  // y_1 -> x_0
   }
 
   //! Backward through the layer. On entry x, y hold the layer's output streams and gx, gy
@@ -228,7 +268,7 @@ class ReversibleDualResidual {
   //! gradients with respect to them; parameter gradients have been accumulated.
   //! With `store` (standard mode) the stored inputs are used and x, y are not touched.
   void backward(context_type& ctx, const ScheduleT& schedule, const LayerCall& call, TensorView<S> x,
-                TensorView<S> y, TensorView<S> gx, TensorView<S> gy, workspace_type& ws,
+                TensorView<S> y, TensorView<V> gx, TensorView<V> gy, workspace_type& ws,
                 const storage_type* store = nullptr) {
     if (store) {  // check both modules' coefficients before touching anything
       coefficients(schedule, call.step, 2 * call.layer + 1);
@@ -242,10 +282,16 @@ class ReversibleDualResidual {
   }
 
   //! Calls visit(name, value, grad) for every parameter, names prefixed by `prefix`.
-  template <class V>
-  void for_each_parameter(std::string_view prefix, V&& visit) {
+  template <class Visit>
+  void for_each_parameter(std::string_view prefix, Visit&& visit) {
     visit_function(f_, join(prefix, parameter_prefix_or<F>("f")), visit);
     visit_function(g_, join(prefix, parameter_prefix_or<G>("g")), visit);
+  }
+  //! The same for one module: F (which = 0) or G (which = 1).
+  template <class Visit>
+  void for_each_module_parameter(int which, std::string_view prefix, Visit&& visit) {
+    if (which == 0) visit_function(f_, join(prefix, parameter_prefix_or<F>("f")), visit);
+    else visit_function(g_, join(prefix, parameter_prefix_or<G>("g")), visit);
   }
 
  private:
@@ -255,8 +301,8 @@ class ReversibleDualResidual {
     return std::string(a) + "." + std::string(b);
   }
 
-  template <class Fn, class V>
-  static void visit_function(Fn& fn, const std::string& prefix, V& visit) {
+  template <class Fn, class Visit>
+  static void visit_function(Fn& fn, const std::string& prefix, Visit& visit) {
     fn.for_each_parameter([&](std::string_view name, TensorView<C> value, TensorView<C> grad) {
       check_shape(grad, value.shape(), join(prefix, name) + " gradient");
       visit(join(prefix, name), value, grad);
@@ -266,6 +312,10 @@ class ReversibleDualResidual {
   static int module_index(const LayerCall& call, int which) {
     DR2NET_CHECK(which == 0 || which == 1, "module selector must be 0 (F) or 1 (G), got ", which);
     return 2 * call.layer + which;
+  }
+
+  static std::uint32_t* flag(const LayerCall& call, int module, ModuleFlag which) {
+    return call.flags ? call.flags + kModuleFlagCount * module + static_cast<int>(which) : nullptr;
   }
 
   static ModuleCall<context_type> module_call(context_type& ctx, const LayerCall& call, int module) {
@@ -284,12 +334,14 @@ class ReversibleDualResidual {
     }
   }
 
-  //! The stream as the function's compute type: the stream itself, or a converted copy.
-  static ConstView<C> as_compute(context_type& ctx, ConstView<S> s, TensorView<C> staging) {
-    if constexpr (std::is_same_v<S, C>) {
-      return s;
+  //! A stream (or stream gradient) as the function's compute type: itself, or a converted copy.
+  template <class View>
+  static ConstView<C> as_compute(context_type& ctx, const View& s, TensorView<C> staging) {
+    using From = typename View::value_type;
+    if constexpr (std::is_same_v<From, C>) {
+      return ConstView<C>(s);
     } else {
-      for_each_index(ctx, s.size(), ConvertCopy<S, C>{staging.data(), s.data()});
+      for_each_index(ctx, s.size(), ConvertCopy<From, C>{staging.data(), s.data()});
       return staging;
     }
   }
@@ -299,15 +351,21 @@ class ReversibleDualResidual {
   template <class Fn>
   static constexpr bool can_add_into = std::is_same_v<S, C> && AddsInto<Fn, C, context_type>;
 
+  //! Work items of a fixed-point combine: one per side-bit word.
+  static std::size_t fixed_work_items(std::size_t n, const SideBits& side) {
+    const auto per = static_cast<std::size_t>(side.per_word);
+    return (n + per - 1) / per;
+  }
+
   template <class Fn>
   static void module_forward(context_type& ctx, Fn& fn, const char* role, const ModuleCall<context_type>& mc,
                              Coefficients c, TensorView<S> x, TensorView<S> y, workspace_type& ws,
-                             const module_storage_type* store) {
+                             const module_storage_type* store, SideBits side, std::uint32_t* flag) {
     const ConstView<C> in = as_compute(ctx, y, ws.in());
     if (store)  // standard mode: keep the input (and below, the internals)
       for_each_index(ctx, y.size(), ConvertCopy<S, S>{store->input.data(), y.data()});
     const TensorView<C> internals = store ? store->saved : ws.scratch();
-    if constexpr (can_add_into<Fn>) {
+    if constexpr (can_add_into<Fn>) {  // never with fixed-point streams (their type is not C)
       if (with_module(mc.module, role, [&] { return static_cast<bool>(std::as_const(fn).adds_into(mc)); })) {
         // x <- F(y) + (alpha y + beta x) with F's last GEMM accumulating: at beta = 0 or
         // alpha = 0 that GEMM is the only pass over x; otherwise one pre-combine pass first.
@@ -329,17 +387,46 @@ class ReversibleDualResidual {
       if (store) fn.recompute(mc, in, ws.f(), internals);
       else fn.forward(mc, in, ws.f(), internals);
     });
-    for_each_index(ctx, x.size(),
-                   ForwardCombine<S, C, A>{x.data(), y.data(), ws.f().data(), static_cast<A>(c.alpha), static_cast<A>(c.beta)});
+    if constexpr (exact) {
+      if (side.words == nullptr) side = SideBits{};
+      for_each_index(ctx, fixed_work_items(x.size(), side),
+                     FixedForwardCombine<S, C>{x.data(), y.data(), ws.f().data(), fixed::quantize_coefficient(c.alpha),
+                                               fixed::quantize_coefficient(c.beta), side, x.size(), flag});
+    } else {
+      (void)side;
+      for_each_index(ctx, x.size(),
+                     ForwardCombine<S, C, A>{x.data(), y.data(), ws.f().data(), static_cast<A>(c.alpha),
+                                             static_cast<A>(c.beta), flag});
+    }
   }
 
   template <class Fn>
   static void module_inverse(context_type& ctx, Fn& fn, const char* role, const ModuleCall<context_type>& mc,
-                             Coefficients c, TensorView<S> y, TensorView<S> x, workspace_type& ws) {
+                             Coefficients c, TensorView<S> y, TensorView<S> x, workspace_type& ws, SideBits side,
+                             std::uint32_t* flag) {
     const ConstView<C> in = as_compute(ctx, x, ws.in());
     with_module(mc.module, role, [&] { fn.forward(mc, in, ws.f(), ws.scratch()); });
-    for_each_index(ctx, y.size(),
-                   InverseCombine<S, C, A>{y.data(), x.data(), ws.f().data(), static_cast<A>(c.alpha), static_cast<A>(c.beta)});
+    if constexpr (exact) {
+      fixed_inverse(ctx, c, y, x, ws, side, flag);
+    } else {
+      (void)side;
+      (void)flag;
+      for_each_index(ctx, y.size(), InverseCombine<S, C, A>{y.data(), x.data(), ws.f().data(), static_cast<A>(c.alpha),
+                                                            static_cast<A>(c.beta)});
+    }
+  }
+
+  //! y <- X_{i-1} from y = Y_i, x = X_i and F(x) in the workspace (fixed-point streams).
+  static void fixed_inverse(context_type& ctx, Coefficients c, TensorView<S> y, ConstView<S> x, workspace_type& ws,
+                            SideBits side, std::uint32_t* flag) {
+    const auto kb = fixed::quantize_coefficient(c.beta);
+    const int width = fixed::side_bit_width(kb.p);
+    DR2NET_CHECK(width == 0 || (side.words != nullptr && side.width == width),
+                 "exact inverse needs the side bits the forward kept (", width, " bits per element)");
+    if (width == 0) side = SideBits{};
+    for_each_index(ctx, fixed_work_items(y.size(), side),
+                   FixedInverseCombine<S, C>{y.data(), x.data(), ws.f().data(), fixed::quantize_coefficient(c.alpha), kb,
+                                             side, y.size(), flag});
   }
 
   //! One module's backward. `in_s` is the module's input x_i (live stream) and `out` holds
@@ -348,8 +435,8 @@ class ReversibleDualResidual {
   template <class Fn>
   static void module_backward(context_type& ctx, Fn& fn, const char* role, const ModuleCall<context_type>& mc,
                               Coefficients c, bool reconstruct, ConstView<S> in_s, TensorView<S> out,
-                              TensorView<S> gx, TensorView<S> gy, const module_storage_type* store,
-                              workspace_type& ws) {
+                              TensorView<V> gx, TensorView<V> gy, const module_storage_type* store,
+                              workspace_type& ws, const LayerCall& call, int m) {
     const ConstView<S> input = store ? ConstView<S>(store->input) : in_s;
     const ConstView<C> in = as_compute(ctx, input, ws.in());
     const ConstView<C> gout = as_compute(ctx, gy, ws.gout());
@@ -357,7 +444,7 @@ class ReversibleDualResidual {
     with_module(mc.module, role, [&] {
       ConstView<C> internals = store ? ConstView<C>(store->saved) : ConstView<C>(ws.scratch());
       if (!store) fn.recompute(mc, in, ws.f(), ws.scratch());
-      if constexpr (std::is_same_v<S, C>) {
+      if constexpr (std::is_same_v<V, C>) {
         fn.backward(mc, in, internals, gout, gx);  // accumulates J^T gy straight into gx
       } else {
         const TensorView<C> gin = ws.gin();
@@ -367,12 +454,19 @@ class ReversibleDualResidual {
       }
     });
     const auto alpha = static_cast<A>(c.alpha), beta = static_cast<A>(c.beta);
-    if (reconstruct)
+    std::uint32_t* const gflag = flag(call, m, ModuleFlag::Gradient);
+    if constexpr (exact) {  // gradients in floating point, the streams' inverse in integers
       for_each_index(ctx, gx.size(),
-                     BackwardCombine<S, C, A, true>{gx.data(), gy.data(), jt, out.data(), in_s.data(), ws.f().data(), alpha, beta});
-    else
+                     BackwardCombine<V, C, A, false>{gx.data(), gy.data(), jt, nullptr, nullptr, nullptr, alpha, beta, gflag});
+      if (reconstruct) fixed_inverse(ctx, c, out, in_s, ws, call.side[m % 2], flag(call, m, ModuleFlag::Inverse));
+    } else if (reconstruct) {
       for_each_index(ctx, gx.size(),
-                     BackwardCombine<S, C, A, false>{gx.data(), gy.data(), jt, nullptr, nullptr, nullptr, alpha, beta});
+                     BackwardCombine<S, C, A, true>{gx.data(), gy.data(), jt, out.data(), in_s.data(), ws.f().data(),
+                                                    alpha, beta, gflag});
+    } else {
+      for_each_index(ctx, gx.size(),
+                     BackwardCombine<V, C, A, false>{gx.data(), gy.data(), jt, nullptr, nullptr, nullptr, alpha, beta, gflag});
+    }
   }
 
   F f_;

@@ -8,13 +8,22 @@
 //! function's saved internals: the baseline for memory, time and gradient checks.
 //! Error-bounded mode is reversible mode plus a stream snapshot at chosen module boundaries,
 //! so that reconstruction error never accumulates over more modules than the current
-//! coefficients allow (see ErrorBoundOptions).
+//! coefficients allow (see ErrorBoundOptions). With a fixed-point precision policy
+//! (FixedFp32, FixedFp64) reversible mode is exact: every stream is reconstructed bit for bit,
+//! with a few side bits per element kept for modules whose |beta| < 1 (DESIGN §3a).
+//!
+//! Nothing that can make a gradient wrong passes silently: non-finite values in h0, dout, the
+//! streams and the gradients are errors naming the tensor, module and step; the monitor's
+//! measurement goes through a guard (StackOptions::guard); exact mode checks every
+//! reconstruction against a checksum taken in forward.
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -48,20 +57,27 @@ enum class StackOutput {
   MeanOfStreams,  //!< out = (x_N + y_N) / 2
 };
 
-//! How error-bounded mode places snapshots. Reconstructing module m multiplies the error of
-//! the streams by about g_m, the largest |root| of beta*l^2 + (|alpha| + lipschitz)*l - 1 = 0.
-//! Walking down from the output, a snapshot is stored at boundary m as soon as the predicted
-//! relative error there, error_scale * u * prod(g) (u: the larger unit roundoff of the stream
-//! and compute types),
-//! would exceed tolerance * reconstruction_budget. After every backward, error_scale is
-//! corrected from the errors actually measured at the snapshot boundaries (and against h0
-//! when the caller passes it): it rises at once to the worst measured ratio and decays slowly.
+//! How error-bounded mode places snapshots. What it bounds is the relative reconstruction
+//! error of the *streams* (measured at every snapshot boundary and at h0), not the error of
+//! the gradients: how much a residual function's backward amplifies an error in its input
+//! depends on the function (1-3x for the ViT blocks, about 250x for a saturating tanh MLP at
+//! (1, 0.5)). For gradients that equal standard backprop's, use a fixed-point policy (exact
+//! mode).
+//!
+//! Reconstructing module m multiplies the error of the streams by about g_m, the largest
+//! |root| of beta*l^2 + (|alpha| + lipschitz)*l - 1 = 0. Walking down from the output, a
+//! snapshot is stored at boundary m as soon as the predicted relative error there,
+//! error_scale * u * prod(g) (u: the larger unit roundoff of the stream and compute types),
+//! would exceed stream_tolerance * planning_margin. After every backward, error_scale is
+//! corrected from the errors actually measured (at the snapshot boundaries and at h0): it
+//! rises at once to the worst measured ratio and decays slowly. Non-finite measurements are
+//! left to the guard and never enter the controller.
 struct ErrorBoundOptions {
-  double tolerance = 1e-5;              //!< target relative error of the gradients
-  double reconstruction_budget = 0.3;   //!< allowed relative stream error, as a fraction of tolerance
-  double lipschitz = 0.0;               //!< prior bound on |eigenvalues| of the functions' Jacobians
-  double initial_error_scale = 8.0;     //!< error_scale before anything was measured
-  double error_scale_decay = 0.7;       //!< per-step decay of error_scale toward what is measured
+  double stream_tolerance = 1e-5;     //!< bound on the measured relative stream reconstruction error
+  double planning_margin = 0.3;       //!< plan for this fraction of stream_tolerance (room for misprediction)
+  double lipschitz = 0.0;             //!< prior bound on |eigenvalues| of the functions' Jacobians
+  double initial_error_scale = 8.0;   //!< error_scale before anything was measured
+  double error_scale_decay = 0.7;     //!< per-step decay of error_scale toward what is measured
 };
 
 struct StackOptions {
@@ -70,6 +86,20 @@ struct StackOptions {
   std::uint64_t seed = 0;                    //!< handed to residual functions for randomness replay
   double min_abs_beta = kDefaultMinAbsBeta;  //!< reconstruction refuses |beta| below this
   ErrorBoundOptions error_bound{};
+  //! What happens when a floating-point reversible backward's measured reconstruction error
+  //! exceeds guard.max_relative_error or is not finite (default: throw).
+  ReconstructionGuard guard{};
+  //! NaN/Inf checks of h0, dout, every module's output and input gradient, dh0 (folded into
+  //! passes that read the data anyway) and of the parameter gradients (one read of each
+  //! after backward). Fixed-point range overflow is always checked.
+  bool check_finite = true;
+  //! Exact mode: compare a 64-bit checksum of every stream a module overwrote in forward with
+  //! its reconstruction in backward (one read of the stream per module and pass), so a
+  //! residual function that is not deterministic is caught at the module where it diverged.
+  bool exact_self_check = true;
+  //! Elements of h0 kept (strided) in forward so that the monitor measures the reconstruction
+  //! even when backward() is not given h0. 0: measure only against a given h0.
+  std::size_t monitor_samples = 4096;
 };
 
 //! A parameter and its gradient under the stack's name for it ("blocks.3.f.weight").
@@ -97,19 +127,17 @@ class ReversibleStack {
   using stream_type = typename Block::stream_type;
   using compute_type = typename Block::compute_type;
   using accumulate_type = typename Block::accumulate_type;
+  //! Type of h0, out, dout and dh0: the stream type, or the compute type for fixed-point streams.
+  using value_type = typename Block::value_type;
   using context_type = typename Block::context_type;
+  //! Fixed-point streams: reversible mode is exact.
+  static constexpr bool exact = Block::exact;
 
   ReversibleStack(context_type& ctx, std::vector<Block> layers, schedule_type schedule, StackOptions options = {})
-      : ctx_(&ctx), layers_(std::move(layers)), schedule_(std::move(schedule)), options_(options) {
+      : ctx_(&ctx), layers_(std::move(layers)), schedule_(std::move(schedule)), options_(std::move(options)) {
     DR2NET_CHECK(!layers_.empty(), "a stack needs at least one layer");
-    DR2NET_CHECK(options.min_abs_beta > 0, "min_abs_beta must be positive, got ", options.min_abs_beta);
-    const auto& eb = options.error_bound;
-    DR2NET_CHECK(eb.tolerance > 0 && eb.reconstruction_budget > 0 && eb.lipschitz >= 0 &&
-                     eb.initial_error_scale > 0 && eb.error_scale_decay > 0 && eb.error_scale_decay <= 1,
-                 "invalid error-bound options: tolerance ", eb.tolerance, ", budget ", eb.reconstruction_budget,
-                 ", lipschitz ", eb.lipschitz, ", initial scale ", eb.initial_error_scale, ", decay ",
-                 eb.error_scale_decay);
-    error_scale_ = eb.initial_error_scale;
+    check_options(options_);
+    error_scale_ = options_.error_bound.initial_error_scale;
     std::size_t bytes = 0;
     for_each_parameter([&](std::string_view, TensorView<compute_type> v, TensorView<compute_type>) {
       bytes += v.size() * sizeof(compute_type);
@@ -136,13 +164,33 @@ class ReversibleStack {
     state_ = State::Idle;
   }
   void set_error_bound(const ErrorBoundOptions& eb) {
+    StackOptions o = options_;
+    o.error_bound = eb;
+    check_options(o);
     options_.error_bound = eb;
     error_scale_ = eb.initial_error_scale;
     state_ = State::Idle;
   }
+  void set_guard(ReconstructionGuard guard) {
+    StackOptions o = options_;
+    o.guard = guard;
+    check_options(o);
+    options_.guard = std::move(guard);
+    state_ = State::Idle;
+  }
 
-  //! Coefficients of `module` at `step`.
+  //! Coefficients of `module` at `step`, as the arithmetic uses them (for fixed-point streams:
+  //! the schedule's values rounded to the 2^-24 grid).
   Coefficients coefficients(std::int64_t step, int module) const { return Block::coefficients(schedule_, step, module); }
+
+  //! The reconstruction monitor's report of this stack's latest backward.
+  const ReconstructionReport& reconstruction() const noexcept { return report_; }
+
+  //! Side bits per element that `module` keeps at `step` in exact reversible mode (0 without
+  //! fixed-point streams, or when |beta| >= 1).
+  int side_bit_width(std::int64_t step, int module) const {
+    return Block::side_bit_width(coefficients(step, module));
+  }
 
   //! Module boundaries holding a snapshot in the last error-bounded forward (boundary m is the
   //! input of module m).
@@ -156,20 +204,22 @@ class ReversibleStack {
   double error_scale() const noexcept { return error_scale_; }
 
   //! Training forward at `step`: out = y_N (or the stream mean). Prepares one backward().
-  void forward(ConstView<stream_type> h0, TensorView<stream_type> out, std::int64_t step) {
+  void forward(ConstView<value_type> h0, TensorView<value_type> out, std::int64_t step) {
     run_forward(h0, out, step, /*training=*/true);
     state_ = State::Forwarded;
   }
 
   //! Inference forward: no dropout or drop-path, nothing kept for a backward.
-  void predict(ConstView<stream_type> h0, TensorView<stream_type> out, std::int64_t step) {
+  void predict(ConstView<value_type> h0, TensorView<value_type> out, std::int64_t step) {
     run_forward(h0, out, step, /*training=*/false);
   }
 
   //! Backward of the last forward: dh0 = dL/dh0 = gx_0 + gy_0 given dout = dL/dout.
-  //! Parameter gradients accumulate (call zero_grad() between steps). Pass the forward's h0
-  //! to have the monitor compare the reconstructed input with it (free: no extra memory).
-  void backward(ConstView<stream_type> dout, TensorView<stream_type> dh0, ConstView<stream_type> h0 = {}) {
+  //! Parameter gradients accumulate (call zero_grad() between steps). Passing the forward's h0
+  //! lets the monitor compare the whole reconstructed input with it; without it, it compares
+  //! the sample kept in forward (StackOptions::monitor_samples). Throws dr2net::Error on a
+  //! non-finite value, an exact-mode mismatch, or (by default) a guard trip.
+  void backward(ConstView<value_type> dout, TensorView<value_type> dh0, ConstView<value_type> h0 = {}) {
     DR2NET_CHECK(state_ != State::BackwardDone,
                  "backward() called twice for one forward(): the forward's state was consumed by the first "
                  "backward (step ", step_, ")");
@@ -179,69 +229,11 @@ class ReversibleStack {
     if (h0.data() != nullptr) check_stream_arg(h0, "h0 (for the reconstruction monitor)");
     state_ = State::Idle;  // whatever happens next, this forward's state is spent
 
-    const auto n = static_cast<std::size_t>(shape_.numel());
-    ctx_->reserve(grad_x_, n, MemoryCategory::Streams);
-    ctx_->reserve(grad_y_, n, MemoryCategory::Streams);
-    auto gx = grad_x_.view(shape_), gy = grad_y_.view(shape_);
-    using A = accumulate_type;
-    if (options_.output == StackOutput::LastStream) {
-      for_each_index(*ctx_, n, Fill<stream_type>{gx.data(), stream_type(0)});
-      for_each_index(*ctx_, n, ConvertCopy<stream_type, stream_type>{gy.data(), dout.data()});
-    } else {
-      for_each_index(*ctx_, n, Scale<stream_type, A>{gx.data(), dout.data(), A(0.5)});
-      for_each_index(*ctx_, n, Scale<stream_type, A>{gy.data(), dout.data(), A(0.5)});
-    }
-    auto x = x_.view(shape_), y = y_.view(shape_);
-    ReconstructionReport report;
-    report.step = step_;
-    report.snapshots = num_snapshots_;
-    std::vector<std::pair<double, double>> measured;  // (measured relative error, predicted amplification)
-    double amplification = 1;                          // predicted growth since the last exact point
-
-    for (int m = num_modules() - 1; m >= 0; --m) {
-      const int l = m / 2, which = m % 2;
-      Block& block = layers_[static_cast<std::size_t>(l)];
-      const LayerCall call = layer_call(l, true);
-      if (forward_mode_ == BackpropMode::Standard) {
-        const auto st = module_storage(m);
-        block.backward_module(*ctx_, schedule_, call, which, false, x, y, gx, gy, workspace_, &st);
-        continue;
-      }
-      const bool reconstruct = std::abs(coefficients(step_, m).beta) >= options_.min_abs_beta;
-      DR2NET_CHECK(reconstruct || forward_mode_ == BackpropMode::ErrorBounded,
-                   "module ", m, " became non-reversible between forward and backward (step ", step_, ")");
-      block.backward_module(*ctx_, schedule_, call, which, reconstruct, x, y, gx, gy, workspace_);
-      amplification *= growth_[static_cast<std::size_t>(m)];
-      const int slot = snapshot_slot_.empty() ? -1 : snapshot_slot_[static_cast<std::size_t>(m)];
-      if (slot >= 0) {  // boundary m has an exact copy: measure what reconstruction made of it, then restore
-        const auto sx = snapshot_view(slot, 0), sy = snapshot_view(slot, 1);
-        if (reconstruct) {
-          const double rel = relative_error(x, sx, y, sy);
-          measured.emplace_back(rel, amplification);
-          ++report.measured_boundaries;
-          report.max_boundary_relative_error = std::max(report.max_boundary_relative_error, rel);
-        }
-        for_each_index(*ctx_, n, ConvertCopy<stream_type, stream_type>{x.data(), sx.data()});
-        for_each_index(*ctx_, n, ConvertCopy<stream_type, stream_type>{y.data(), sy.data()});
-        amplification = 1;
-      }
-    }
-    for_each_index(*ctx_, n, ScaledSum<stream_type, A>{dh0.data(), gx.data(), gy.data(), A(1)});
-
-    if (forward_mode_ != BackpropMode::Standard && h0.data() != nullptr &&
-        std::abs(coefficients(step_, 0).beta) >= options_.min_abs_beta) {
-      const auto [ex, mag_x] = max_abs_diff_and_max(*ctx_, x.data(), h0.data(), n);
-      const auto [ey, mag_y] = max_abs_diff_and_max(*ctx_, y.data(), h0.data(), n);
-      report.input_compared = true;
-      report.max_abs_error = std::max(ex, ey);
-      if (std::isnan(ex) || std::isnan(ey)) report.max_abs_error = std::numeric_limits<double>::quiet_NaN();
-      const double mag = std::max(mag_x, mag_y);
-      report.relative_error = mag > 0 ? report.max_abs_error / mag : report.max_abs_error;
-      measured.emplace_back(report.relative_error, amplification);
-    }
-    if (forward_mode_ == BackpropMode::ErrorBounded) update_error_scale(measured);
-    report.error_scale = error_scale_;
-    if (forward_mode_ != BackpropMode::Standard) ctx_->reconstruction() = report;
+    const bool fallback = options_.guard.action == GuardAction::Fallback && !exact &&
+                          forward_mode_ != BackpropMode::Standard && !in_fallback_;
+    if (fallback) save_gradients();
+    run_backward(dout, dh0, h0);
+    if (fallback && guard_tripped_) redo_with_snapshots(dout, dh0);
     state_ = State::BackwardDone;
   }
 
@@ -258,8 +250,8 @@ class ReversibleStack {
   }
 
   //! Calls visit(name, value, grad) for every parameter, as "blocks.{i}.<function>.<name>".
-  template <class V>
-  void for_each_parameter(V&& visit) {
+  template <class Visit>
+  void for_each_parameter(Visit&& visit) {
     for (std::size_t i = 0; i < layers_.size(); ++i)
       layers_[i].for_each_parameter("blocks." + std::to_string(i), visit);
   }
@@ -284,31 +276,149 @@ class ReversibleStack {
     stored_inputs_.reset();
     stored_saved_.reset();
     snapshots_.reset();
+    side_bits_.reset();
+    samples_.reset();
+    flags_.reset();
+    fallback_input_.reset();
+    fallback_out_.reset();
+    saved_grads_.reset();
     state_ = State::Idle;
   }
 
  private:
   using S = stream_type;
   using C = compute_type;
+  using V = value_type;
   enum class State { Idle, Forwarded, BackwardDone };
+  //! Stack-level check flags after the modules' (kModuleFlagCount per module).
+  enum StackFlag : int { kFlagInput = 0, kFlagOutput, kFlagDout, kFlagDh0, kStackFlagCount };
 
-  LayerCall layer_call(int l, bool training) const {
-    return LayerCall{l, step_, options_.seed, training, options_.min_abs_beta};
+  static void check_options(const StackOptions& o) {
+    DR2NET_CHECK(o.min_abs_beta > 0, "min_abs_beta must be positive, got ", o.min_abs_beta);
+    const auto& eb = o.error_bound;
+    DR2NET_CHECK(eb.stream_tolerance > 0 && eb.planning_margin > 0 && eb.planning_margin <= 1 && eb.lipschitz >= 0 &&
+                     eb.initial_error_scale > 0 && eb.error_scale_decay > 0 && eb.error_scale_decay <= 1,
+                 "invalid error-bound options: stream_tolerance ", eb.stream_tolerance, ", planning_margin ",
+                 eb.planning_margin, ", lipschitz ", eb.lipschitz, ", initial scale ", eb.initial_error_scale,
+                 ", decay ", eb.error_scale_decay);
+    DR2NET_CHECK(o.guard.max_relative_error > 0, "guard.max_relative_error must be positive, got ",
+                 o.guard.max_relative_error);
   }
 
-  void check_stream_arg(const TensorView<const S>& v, const char* what) const {
+  LayerCall layer_call(int l, bool training) {
+    LayerCall c{l, step_, options_.seed, training, options_.min_abs_beta};
+    c.flags = flags_.data();
+    if (!module_side_.empty()) {
+      c.side[0] = module_side_[static_cast<std::size_t>(2 * l)];
+      c.side[1] = module_side_[static_cast<std::size_t>(2 * l + 1)];
+    }
+    return c;
+  }
+
+  template <class T>
+  void check_stream_arg(const TensorView<T>& v, const char* what) const {
     check_contiguous(v, what);
     check_shape(v, shape_, what);
   }
-  void check_stream_arg(const TensorView<S>& v, const char* what) const {
-    check_stream_arg(TensorView<const S>(v), what);
+
+  //! "module 3 (layer 1, G)"
+  static std::string module_name(int m) {
+    return "module " + std::to_string(m) + " (layer " + std::to_string(m / 2) + ", " + (m % 2 == 0 ? "F" : "G") + ")";
   }
 
-  //! max |a - sa|, |b - sb| relative to max |sa|, |sb|.
-  double relative_error(ConstView<S> a, ConstView<S> sa, ConstView<S> b, ConstView<S> sb) {
-    const auto n = a.size();
-    const auto [ea, ma] = max_abs_diff_and_max(*ctx_, a.data(), sa.data(), n);
-    const auto [eb, mb] = max_abs_diff_and_max(*ctx_, b.data(), sb.data(), n);
+  //! Names the parameters of module m (all modules when m < 0) that hold non-finite values:
+  //! the diagnosis added to a non-finite error. Runs only once an error was found.
+  std::string bad_parameters(int m, bool gradients) {
+    std::string names;
+    auto check = [&](std::string_view name, TensorView<C> v, TensorView<C> g) {
+      const TensorView<C> t = gradients ? g : v;
+      const std::size_t bad = count_not_finite(*ctx_, t.data(), t.size());
+      if (bad > 0)
+        names += (names.empty() ? "" : ", ") + std::string(name) + (gradients ? " gradient" : "") + " (" +
+                 std::to_string(bad) + " of " + std::to_string(t.size()) + " elements)";
+    };
+    for (int k = 0; k < num_modules(); ++k)
+      if (m < 0 || k == m)
+        layers_[static_cast<std::size_t>(k / 2)].for_each_module_parameter(k % 2, "blocks." + std::to_string(k / 2), check);
+    return names;
+  }
+
+  //! The flags as the passes left them, read back from the backend.
+  std::vector<std::uint32_t> read_flags() {
+    std::vector<std::uint32_t> f(flags_.size());
+    copy_to_host(*ctx_, f.data(), flags_.data(), f.size());
+    return f;
+  }
+  void clear_flags() {
+    const std::size_t count = static_cast<std::size_t>(kModuleFlagCount * num_modules() + kStackFlagCount);
+    ctx_->reserve(flags_, count, MemoryCategory::Other);
+    for_each_index(*ctx_, flags_.size(), Fill<std::uint32_t>{flags_.data(), 0u});
+  }
+  std::uint32_t module_flag(const std::vector<std::uint32_t>& f, int m, ModuleFlag which) const {
+    return f[static_cast<std::size_t>(kModuleFlagCount * m + static_cast<int>(which))];
+  }
+  std::uint32_t stack_flag(const std::vector<std::uint32_t>& f, StackFlag which) const {
+    return f[static_cast<std::size_t>(kModuleFlagCount * num_modules() + which)];
+  }
+
+  static std::string range_note() {
+    if constexpr (exact)
+      return " or values outside the fixed-point range (|h| < 2^" + std::to_string(62 - S::frac_bits) + ")";
+    else
+      return "";
+  }
+
+  //! Throws for the first bad value the forward's passes flagged.
+  void check_forward_flags() {
+    const auto f = read_flags();
+    const std::string at = " at step " + std::to_string(step_);
+    DR2NET_CHECK(!stack_flag(f, kFlagInput), "h0 (the stack input) holds NaN or Inf", range_note(), at);
+    for (int m = 0; m < num_modules(); ++m) {
+      if (!module_flag(f, m, ModuleFlag::Forward)) continue;
+      const std::string params = bad_parameters(m, false);
+      if constexpr (exact)
+        DR2NET_FAIL("fixed-point overflow: ", module_name(m), " produced a non-finite value or a stream value "
+                    "outside the fixed-point range (|h| < 2^", 62 - S::frac_bits, ")", at,
+                    params.empty() ? std::string() : "; non-finite parameters: " + params);
+      else
+        DR2NET_FAIL(module_name(m), " produced a non-finite output", at,
+                    params.empty() ? std::string() : "; non-finite parameters: " + params);
+    }
+    if (stack_flag(f, kFlagOutput)) {
+      const std::string params = bad_parameters(-1, false);
+      DR2NET_FAIL("the stack output is not finite", at,
+                  params.empty() ? std::string() : "; non-finite parameters: " + params);
+    }
+  }
+
+  //! Throws for the first bad value the backward's passes flagged, then checks the
+  //! parameter gradients.
+  void check_backward_flags() {
+    const auto f = read_flags();
+    const std::string at = " at step " + std::to_string(step_);
+    const bool check = options_.check_finite;
+    DR2NET_CHECK(!(check && stack_flag(f, kFlagDout)), "dout (the gradient of the stack output) holds NaN or Inf", at);
+    for (int m = num_modules() - 1; m >= 0; --m) {
+      DR2NET_CHECK(!module_flag(f, m, ModuleFlag::Inverse), module_name(m),
+                   " produced a non-finite output when recomputed in backward", at,
+                   " (it was finite in forward: the function is not deterministic)");
+      if (check && module_flag(f, m, ModuleFlag::Gradient)) {
+        const std::string params = bad_parameters(m, false);
+        DR2NET_FAIL("the input gradient of ", module_name(m), " is not finite", at,
+                    params.empty() ? std::string() : "; non-finite parameters: " + params);
+      }
+    }
+    DR2NET_CHECK(!(check && stack_flag(f, kFlagDh0)), "dh0 (the gradient of the stack input) is not finite", at);
+    if (check) {
+      const std::string grads = bad_parameters(-1, true);
+      DR2NET_CHECK(grads.empty(), "non-finite parameter gradients", at, ": ", grads);
+    }
+  }
+
+  //! max |a - sa|, |b - sb| relative to max |sa|, |sb| over n elements (infinite when NaN).
+  double relative_error(const S* a, const S* sa, const S* b, const S* sb, std::size_t n) {
+    const auto [ea, ma] = max_abs_diff_and_max(*ctx_, a, sa, n);
+    const auto [eb, mb] = max_abs_diff_and_max(*ctx_, b, sb, n);
     if (std::isnan(ea) || std::isnan(eb)) return std::numeric_limits<double>::infinity();
     const double mag = std::max(ma, mb);
     return mag > 0 ? std::max(ea, eb) / mag : std::max(ea, eb);
@@ -321,14 +431,14 @@ class ReversibleStack {
   static double roundoff() { return std::max(unit_roundoff<S>(), unit_roundoff<C>()); }
 
   //! error_scale follows the worst measured ratio of actual to predicted error at once when it
-  //! rises, and decays toward it slowly when it falls; without measurements it stays.
+  //! rises, and decays toward it slowly when it falls; without finite measurements it stays
+  //! (a non-finite one is the guard's business, never the controller's).
   void update_error_scale(const std::vector<std::pair<double, double>>& measured) {
     double worst = 0;
     bool any = false;
     for (const auto& [rel, amp] : measured) {
-      if (!(amp > 0) || !std::isfinite(amp)) continue;
-      const double ratio = std::isfinite(rel) ? rel / (roundoff() * amp) : std::numeric_limits<double>::max();
-      worst = std::max(worst, ratio);
+      if (!(amp > 0) || !std::isfinite(amp) || !std::isfinite(rel)) continue;
+      worst = std::max(worst, rel / (roundoff() * amp));
       any = true;
     }
     if (!any) return;
@@ -337,6 +447,8 @@ class ReversibleStack {
   }
 
   //! Chooses snapshot boundaries for error-bounded mode at this step (see ErrorBoundOptions).
+  //! With fixed-point streams reconstruction is exact: snapshots go only where a module is
+  //! not reversible at all.
   void plan_snapshots() {
     const auto M = static_cast<std::size_t>(num_modules());
     growth_.assign(M, 1.0);
@@ -350,19 +462,54 @@ class ReversibleStack {
                                                              : std::numeric_limits<double>::infinity();
     }
     if (forward_mode_ != BackpropMode::ErrorBounded) return;
-    const double budget = eb.tolerance * eb.reconstruction_budget;
-    const double base = error_scale_ * roundoff();
+    const double budget = eb.stream_tolerance * eb.planning_margin;
+    const double base = exact ? 0.0 : error_scale_ * roundoff();
     double amp = 1;
     for (std::size_t m = M - 1; m >= 1; --m) {  // boundary 0 is h0: never stored
       amp *= growth_[m];
-      if (!(base * amp <= budget)) {
+      if (!(base * amp <= budget)) {  // 0 * inf is NaN: a non-reversible module always gets one
         snapshot_slot_[m] = num_snapshots_++;
         amp = 1;
       }
     }
   }
 
-  void run_forward(ConstView<S> h0, TensorView<S> out, std::int64_t step, bool training) {
+  //! Exact reversible mode: one side-bit area per module whose |beta| < 1, sized exactly.
+  void plan_side_bits(bool keep) {
+    module_side_.assign(static_cast<std::size_t>(num_modules()), SideBits{});
+    if constexpr (exact) {
+      if (keep) {
+        const auto n = static_cast<std::size_t>(shape_.numel());
+        std::vector<std::size_t> offsets(module_side_.size(), 0);
+        std::size_t words = 0;
+        for (int m = 0; m < num_modules(); ++m) {
+          const Coefficients c = coefficients(step_, m);
+          if (!(std::abs(c.beta) >= options_.min_abs_beta)) continue;  // not reconstructed (snapshot)
+          const int w = Block::side_bit_width(c);
+          if (w == 0) continue;
+          auto& sb = module_side_[static_cast<std::size_t>(m)];
+          sb.width = w;
+          sb.per_word = fixed::elements_per_word(w);
+          offsets[static_cast<std::size_t>(m)] = words;
+          words += (n + static_cast<std::size_t>(sb.per_word) - 1) / static_cast<std::size_t>(sb.per_word);
+        }
+        if (side_bits_.size() != words) {
+          side_bits_.reset();
+          if (words > 0) side_bits_ = ctx_->template allocate<std::uint64_t>(words, MemoryCategory::SideBits);
+        }
+        for (std::size_t m = 0; m < module_side_.size(); ++m)
+          if (module_side_[m].width > 0) module_side_[m].words = side_bits_.data() + offsets[m];
+        return;
+      }
+    }
+    (void)keep;
+    side_bits_.reset();
+  }
+
+  //! Module m in forward overwrites the x stream (F, m even) or the y stream (G, m odd).
+  S* overwritten(int m) { return (m % 2 == 0 ? x_ : y_).data(); }
+
+  void run_forward(ConstView<V> h0, TensorView<V> out, std::int64_t step, bool training) {
     state_ = State::Idle;
     check_contiguous(h0, "h0");
     DR2NET_CHECK(h0.shape().rank() >= 1 && h0.numel() > 0, "h0 must be a non-empty tensor, got shape ", h0.shape());
@@ -372,6 +519,7 @@ class ReversibleStack {
     check_stream_arg(out, "out");
     forward_mode_ = training ? options_.mode : BackpropMode::Standard;
     const bool standard = training && options_.mode == BackpropMode::Standard;
+    const bool reversible = training && !standard;
 
     // Validate everything before touching any buffer: coefficients and functions' shapes.
     std::size_t scratch = 0;
@@ -402,7 +550,7 @@ class ReversibleStack {
     if (training && forward_mode_ != BackpropMode::ErrorBounded) snapshots_.reset();
     if (standard) {
       std::size_t saved_total = 0;
-      for (std::size_t s : saved_sizes_) saved_total += s;
+      for (std::size_t sz : saved_sizes_) saved_total += sz;
       ctx_->reserve(stored_inputs_, n * saved_sizes_.size(), MemoryCategory::SavedActivations);
       ctx_->reserve(stored_saved_, saved_total, MemoryCategory::SavedActivations);
     }
@@ -414,10 +562,16 @@ class ReversibleStack {
         if (need > 0) snapshots_ = ctx_->template allocate<S>(need, MemoryCategory::SavedActivations);
       }
     }
+    if (training) plan_side_bits(reversible);
+    clear_flags();
+    const bool check = options_.check_finite || exact;
+    std::uint32_t* const stack_flags = flags_.data() + kModuleFlagCount * num_modules();
 
     auto x = x_.view(shape_), y = y_.view(shape_);
-    for_each_index(*ctx_, n, ConvertCopy<S, S>{x.data(), h0.data()});  // x_0 = y_0 = h0
-    for_each_index(*ctx_, n, ConvertCopy<S, S>{y.data(), h0.data()});
+    for_each_index(*ctx_, n, InitStreams<S, V>{x.data(), y.data(), h0.data(), check ? stack_flags + kFlagInput : nullptr});
+    if (reversible) keep_input_sample(h0);
+    checksums_.assign(static_cast<std::size_t>(num_modules()), 0);
+    const bool checksum = exact && reversible && options_.exact_self_check;
     for (int m = 0; m < num_modules(); ++m) {
       const int l = m / 2;
       if (training && forward_mode_ == BackpropMode::ErrorBounded) {
@@ -426,15 +580,232 @@ class ReversibleStack {
           for_each_index(*ctx_, n, ConvertCopy<S, S>{snapshot_view(slot, 1).data(), y.data()});
         }
       }
+      if constexpr (exact) {
+        if (checksum) checksums_[static_cast<std::size_t>(m)] = stream_checksum(*ctx_, overwritten(m), n);
+      }
       const auto st = standard ? module_storage(m) : typename Block::module_storage_type{};
-      layers_[static_cast<std::size_t>(l)].forward_module(*ctx_, schedule_, layer_call(l, training), m % 2, x, y,
-                                                          workspace_, standard ? &st : nullptr);
+      LayerCall call = layer_call(l, training);
+      if (!options_.check_finite && !exact) call.flags = nullptr;
+      layers_[static_cast<std::size_t>(l)].forward_module(*ctx_, schedule_, call, m % 2, x, y, workspace_,
+                                                          standard ? &st : nullptr);
     }
     using A = accumulate_type;
-    if (options_.output == StackOutput::LastStream)
-      for_each_index(*ctx_, n, ConvertCopy<S, S>{out.data(), y.data()});
-    else
-      for_each_index(*ctx_, n, ScaledSum<S, A>{out.data(), x.data(), y.data(), A(0.5)});
+    for_each_index(*ctx_, n,
+                   StackOutputPass<S, V, A>{out.data(), x.data(), y.data(), options_.output == StackOutput::MeanOfStreams,
+                                            check ? stack_flags + kFlagOutput : nullptr});
+    check_forward_flags();
+  }
+
+  //! Keeps what the monitor compares the reconstruction with when backward() gets no h0: a
+  //! strided sample of h0 (floating streams) and, under GuardAction::Fallback, all of h0.
+  void keep_input_sample(ConstView<V> h0) {
+    const auto n = static_cast<std::size_t>(shape_.numel());
+    sample_count_ = 0;
+    if constexpr (!exact) {
+      if (options_.monitor_samples > 0) {
+        sample_count_ = std::min(options_.monitor_samples, n);
+        sample_stride_ = n / sample_count_;
+        ctx_->reserve(samples_, 3 * sample_count_, MemoryCategory::Other);
+        for_each_index(*ctx_, sample_count_, StridedGather<S>{samples_.data(), x_.data(), sample_stride_});
+      }
+      if (options_.guard.action == GuardAction::Fallback && !in_fallback_) {
+        ctx_->reserve(fallback_input_, n, MemoryCategory::SavedActivations);
+        for_each_index(*ctx_, n, ConvertCopy<V, V>{fallback_input_.data(), h0.data()});
+      }
+    } else {
+      (void)h0;
+      (void)n;
+    }
+  }
+
+  void run_backward(ConstView<V> dout, TensorView<V> dh0, ConstView<V> h0) {
+    const auto n = static_cast<std::size_t>(shape_.numel());
+    using A = accumulate_type;
+    ctx_->reserve(grad_x_, n, MemoryCategory::Streams);
+    ctx_->reserve(grad_y_, n, MemoryCategory::Streams);
+    clear_flags();
+    std::uint32_t* const stack_flags = flags_.data() + kModuleFlagCount * num_modules();
+    const bool check = options_.check_finite;
+    auto gx = grad_x_.view(shape_), gy = grad_y_.view(shape_);
+    for_each_index(*ctx_, n, InitGradients<V, A>{gx.data(), gy.data(), dout.data(),
+                                                 options_.output == StackOutput::MeanOfStreams,
+                                                 check ? stack_flags + kFlagDout : nullptr});
+    auto x = x_.view(shape_), y = y_.view(shape_);
+    ReconstructionReport report;
+    report.step = step_;
+    report.snapshots = num_snapshots_;
+    report.exact = exact && forward_mode_ != BackpropMode::Standard;
+    std::vector<std::pair<double, double>> measured;  // (measured relative error, predicted amplification)
+    double amplification = 1;                          // predicted growth since the last exact point
+    const bool checksum = exact && forward_mode_ != BackpropMode::Standard && options_.exact_self_check;
+
+    for (int m = num_modules() - 1; m >= 0; --m) {
+      const int l = m / 2, which = m % 2;
+      Block& block = layers_[static_cast<std::size_t>(l)];
+      LayerCall call = layer_call(l, true);
+      if (!check && !exact) call.flags = nullptr;
+      if (forward_mode_ == BackpropMode::Standard) {
+        const auto st = module_storage(m);
+        block.backward_module(*ctx_, schedule_, call, which, false, x, y, gx, gy, workspace_, &st);
+        continue;
+      }
+      const bool reconstruct = std::abs(coefficients(step_, m).beta) >= options_.min_abs_beta;
+      DR2NET_CHECK(reconstruct || forward_mode_ == BackpropMode::ErrorBounded,
+                   "module ", m, " became non-reversible between forward and backward (step ", step_, ")");
+      block.backward_module(*ctx_, schedule_, call, which, reconstruct, x, y, gx, gy, workspace_);
+      if constexpr (exact) {
+        if (checksum && reconstruct) {
+          const std::uint64_t got = stream_checksum(*ctx_, overwritten(m), n);
+          DR2NET_CHECK(got == checksums_[static_cast<std::size_t>(m)],
+                       "exact reconstruction diverged at ", module_name(m), " at step ", step_,
+                       ": its recomputation in backward differed from its forward, so the residual function is "
+                       "not deterministic (atomics in a reduction, unseeded randomness, a GEMM algorithm chosen "
+                       "differently between calls?); this step's gradients are invalid");
+        }
+      }
+      amplification *= growth_[static_cast<std::size_t>(m)];
+      const int slot = snapshot_slot_.empty() ? -1 : snapshot_slot_[static_cast<std::size_t>(m)];
+      if (slot >= 0) {  // boundary m has an exact copy: measure what reconstruction made of it, then restore
+        const auto sx = snapshot_view(slot, 0), sy = snapshot_view(slot, 1);
+        if (reconstruct) {
+          const double rel = relative_error(x.data(), sx.data(), y.data(), sy.data(), n);
+          measured.emplace_back(rel, amplification);
+          ++report.measured_boundaries;
+          report.max_boundary_relative_error =
+              report.measured_boundaries == 1 ? rel : std::max(report.max_boundary_relative_error, rel);
+        }
+        for_each_index(*ctx_, n, ConvertCopy<S, S>{x.data(), sx.data()});
+        for_each_index(*ctx_, n, ConvertCopy<S, S>{y.data(), sy.data()});
+        amplification = 1;
+      }
+    }
+    for_each_index(*ctx_, n, InputGradient<V, A>{dh0.data(), gx.data(), gy.data(),
+                                                 check ? stack_flags + kFlagDh0 : nullptr});
+    check_backward_flags();
+
+    if (forward_mode_ != BackpropMode::Standard && std::abs(coefficients(step_, 0).beta) >= options_.min_abs_beta) {
+      if constexpr (exact) {
+        if (checksum) {  // every boundary matched its checksum, h0 included (modules 0 and 1)
+          report.measured = true;
+          report.max_abs_error = 0;
+          report.relative_error = 0;
+          report.compared_elements = n;
+        }
+        (void)h0;
+      } else {
+        measure_input(report, h0);
+        if (report.measured) measured.emplace_back(report.relative_error, amplification);
+      }
+    }
+    if (forward_mode_ == BackpropMode::ErrorBounded) update_error_scale(measured);
+    report.error_scale = error_scale_;
+    report_ = report;
+    guard_tripped_ = false;
+    if (!exact && forward_mode_ != BackpropMode::Standard) apply_guard();
+  }
+
+  //! The monitor's comparison of the reconstructed (x_0, y_0) with h0, or with the sample of
+  //! it kept in forward.
+  void measure_input(ReconstructionReport& report, ConstView<V> h0) {
+    if constexpr (!exact) {
+      const auto n = static_cast<std::size_t>(shape_.numel());
+      double ex = 0, ey = 0, mag = 0;
+      if (h0.data() != nullptr) {
+        const auto [dx, mx] = max_abs_diff_and_max(*ctx_, x_.data(), h0.data(), n);
+        const auto [dy, my] = max_abs_diff_and_max(*ctx_, y_.data(), h0.data(), n);
+        ex = dx, ey = dy, mag = std::max(mx, my);
+        report.input_compared = true;
+        report.compared_elements = n;
+      } else if (sample_count_ > 0) {
+        S* const kept = samples_.data();
+        S* const sx = kept + sample_count_;
+        S* const sy = sx + sample_count_;
+        for_each_index(*ctx_, sample_count_, StridedGather<S>{sx, x_.data(), sample_stride_});
+        for_each_index(*ctx_, sample_count_, StridedGather<S>{sy, y_.data(), sample_stride_});
+        const auto [dx, mx] = max_abs_diff_and_max(*ctx_, sx, kept, sample_count_);
+        const auto [dy, my] = max_abs_diff_and_max(*ctx_, sy, kept, sample_count_);
+        ex = dx, ey = dy, mag = std::max(mx, my);
+        report.sampled = true;
+        report.compared_elements = sample_count_;
+      } else {
+        return;  // nothing to compare with: "not measured"
+      }
+      report.measured = true;
+      report.max_abs_error = (std::isnan(ex) || std::isnan(ey)) ? std::numeric_limits<double>::quiet_NaN() : std::max(ex, ey);
+      report.relative_error = mag > 0 ? report.max_abs_error / mag : report.max_abs_error;
+    } else {
+      (void)report;
+      (void)h0;
+    }
+  }
+
+  //! Acts on the report of a floating-point reversible backward (StackOptions::guard).
+  void apply_guard() {
+    const auto& g = options_.guard;
+    const double worst = report_.worst_relative_error();
+    if (!report_.measured && report_.measured_boundaries == 0) return;
+    if (worst <= g.max_relative_error) return;
+    std::ostringstream msg;
+    msg.precision(17);
+    msg << "reconstruction guard: the " << mode_name(forward_mode_) << " backward at step " << step_
+        << " reconstructed its activations with relative error " << worst << " (limit " << g.max_relative_error
+        << "), so this step's gradients are wrong; use exact mode (a fixed-point precision policy such as "
+           "FixedFp32), error-bounded mode, or coefficients with larger |beta|";
+    if (g.action == GuardAction::Throw || in_fallback_) DR2NET_FAIL(msg.str());
+    if (g.action == GuardAction::Warn) {
+      if (g.warn) g.warn(msg.str());
+      else std::fprintf(stderr, "dr2net: warning: %s\n", msg.str().c_str());
+      return;
+    }
+    guard_tripped_ = true;  // Fallback: backward() redoes the step
+  }
+
+  //! GuardAction::Fallback: keeps the parameter gradients as they were before this backward.
+  void save_gradients() {
+    std::size_t total = 0;
+    for_each_parameter([&](std::string_view, TensorView<C> v, TensorView<C>) { total += v.size(); });
+    ctx_->reserve(saved_grads_, total, MemoryCategory::Gradients);
+    std::size_t off = 0;
+    for_each_parameter([&](std::string_view, TensorView<C>, TensorView<C> g) {
+      for_each_index(*ctx_, g.size(), ConvertCopy<C, C>{saved_grads_.data() + off, g.data()});
+      off += g.size();
+    });
+  }
+
+  //! GuardAction::Fallback: restores the parameter gradients, runs the step again in
+  //! error-bounded mode with the controller raised to what was measured (a snapshot at every
+  //! boundary when the measurement was not finite) and backward again; a second trip throws.
+  void redo_with_snapshots(ConstView<V> dout, TensorView<V> dh0) {
+    std::size_t off = 0;
+    for_each_parameter([&](std::string_view, TensorView<C>, TensorView<C> g) {
+      for_each_index(*ctx_, g.size(), ConvertCopy<C, C>{g.data(), saved_grads_.data() + off});
+      off += g.size();
+    });
+    double amp = 1;
+    for (double gm : growth_) amp *= gm;
+    const double worst = report_.worst_relative_error();
+    const double ratio = worst / (roundoff() * amp);
+    const BackpropMode mode = options_.mode;
+    const double scale = error_scale_;
+    error_scale_ = std::isfinite(ratio) ? std::max(error_scale_, 2 * ratio) : std::numeric_limits<double>::infinity();
+    options_.mode = BackpropMode::ErrorBounded;
+    in_fallback_ = true;
+    struct Restore {
+      ReversibleStack* s;
+      BackpropMode mode;
+      double scale;
+      ~Restore() {
+        s->options_.mode = mode;
+        s->in_fallback_ = false;
+        if (!std::isfinite(s->error_scale_)) s->error_scale_ = scale;
+      }
+    } restore{this, mode, scale};
+    const auto n = static_cast<std::size_t>(shape_.numel());
+    ctx_->reserve(fallback_out_, n, MemoryCategory::Other);
+    const ConstView<V> h0(fallback_input_.data(), shape_);
+    run_forward(h0, fallback_out_.view(shape_), step_, true);
+    run_backward(dout, dh0, h0);
+    report_.fell_back = true;
   }
 
   //! Module m's standard-mode storage inside the two stored arenas.
@@ -469,8 +840,16 @@ class ReversibleStack {
   std::vector<int> snapshot_slot_;  // per boundary: snapshot slot or -1
   int num_snapshots_ = 0;
   double error_scale_ = 1;
-  buffer_t<context_type, S> x_, y_, grad_x_, grad_y_, stored_inputs_, snapshots_;
-  buffer_t<context_type, C> stored_saved_;
+  ReconstructionReport report_;
+  bool guard_tripped_ = false, in_fallback_ = false;
+  std::vector<SideBits> module_side_;     // exact mode: each module's side-bit area
+  std::vector<std::uint64_t> checksums_;  // exact mode: checksum of what module m overwrote in forward
+  std::size_t sample_count_ = 0, sample_stride_ = 1;
+  buffer_t<context_type, S> x_, y_, stored_inputs_, snapshots_, samples_;
+  buffer_t<context_type, V> grad_x_, grad_y_, fallback_input_, fallback_out_;
+  buffer_t<context_type, C> stored_saved_, saved_grads_;
+  buffer_t<context_type, std::uint64_t> side_bits_;
+  buffer_t<context_type, std::uint32_t> flags_;
   typename Block::workspace_type workspace_;
 };
 

@@ -11,7 +11,7 @@
 
 namespace dr2net {
 
-//! What an allocation holds. The first three are activation memory.
+//! What an allocation holds. Streams, Scratch, SavedActivations and SideBits are activation memory.
 enum class MemoryCategory : int {
   Streams = 0,       //!< the two stream buffers and their two gradient buffers
   Scratch,           //!< one residual function's output and internals, reused module after module
@@ -19,8 +19,9 @@ enum class MemoryCategory : int {
   Parameters,        //!< weights
   Gradients,         //!< parameter gradients
   Other,             //!< anything else a context allocates (workspaces, staging)
+  SideBits,          //!< exact mode: the bits each fixed-point module's beta-term loses (activation memory)
 };
-inline constexpr std::size_t kMemoryCategoryCount = 6;
+inline constexpr std::size_t kMemoryCategoryCount = 7;
 
 inline constexpr std::string_view category_name(MemoryCategory c) {
   switch (c) {
@@ -30,13 +31,14 @@ inline constexpr std::string_view category_name(MemoryCategory c) {
     case MemoryCategory::Parameters: return "parameters";
     case MemoryCategory::Gradients: return "gradients";
     case MemoryCategory::Other: return "other";
+    case MemoryCategory::SideBits: return "side_bits";
   }
   return "unknown";
 }
 
 inline constexpr bool is_activation(MemoryCategory c) {
   return c == MemoryCategory::Streams || c == MemoryCategory::Scratch ||
-         c == MemoryCategory::SavedActivations;
+         c == MemoryCategory::SavedActivations || c == MemoryCategory::SideBits;
 }
 
 //! Current and peak bytes per category, plus peaks of the activation sum and the total.

@@ -24,7 +24,6 @@
 #include "dr2net/backend/cuda/error.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
-#include "dr2net/core/reconstruction.hpp"
 #include "dr2net/core/tensor.hpp"
 
 namespace dr2net {
@@ -118,8 +117,6 @@ class CudaContext {
   MemoryMeter& meter() noexcept { return meter_; }
   const MemoryMeter& meter() const noexcept { return meter_; }
   const CudaContextOptions& options() const noexcept { return options_; }
-  ReconstructionReport& reconstruction() noexcept { return reconstruction_; }
-  const ReconstructionReport& reconstruction() const noexcept { return reconstruction_; }
 
   cudaStream_t stream() const noexcept { return stream_; }
   int device() const noexcept { return options_.device; }
@@ -213,7 +210,6 @@ class CudaContext {
   cublasHandle_t blas_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
   MemoryMeter meter_;
-  ReconstructionReport reconstruction_;
   DeviceBuffer<std::byte> workspace_;
   std::unordered_map<std::type_index, std::shared_ptr<void>> extensions_;
 };

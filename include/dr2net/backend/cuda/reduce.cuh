@@ -17,6 +17,7 @@
 
 #include "dr2net/backend/cuda/context.hpp"
 #include "dr2net/backend/cuda/error.hpp"
+#include "dr2net/core/fixed_point.hpp"
 
 namespace dr2net {
 namespace cuda_detail {
@@ -78,7 +79,79 @@ __global__ void __launch_bounds__(kReduceThreads) diff_and_max_final(DiffAndMax*
   if (threadIdx.x == 0) partials[0] = r;
 }
 
+//! Per-block partial sums of a 64-bit term over a grid-stride slice of [0, n); the sum is taken
+//! modulo 2^64, so the result does not depend on how the work is split.
+template <class Term>
+__global__ void __launch_bounds__(kReduceThreads) sum_u64_partials(Term term, std::size_t n, unsigned long long* partials) {
+  using BlockReduce = cub::BlockReduce<unsigned long long, kReduceThreads>;
+  __shared__ typename BlockReduce::TempStorage temp;
+  unsigned long long acc = 0;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    acc += term(i);
+  const unsigned long long r = BlockReduce(temp).Sum(acc);
+  if (threadIdx.x == 0) partials[blockIdx.x] = r;
+}
+
+//! partials[0] <- sum of partials[0, count) modulo 2^64, one block.
+__global__ void __launch_bounds__(kReduceThreads) sum_u64_final(unsigned long long* partials, int count) {
+  using BlockReduce = cub::BlockReduce<unsigned long long, kReduceThreads>;
+  __shared__ typename BlockReduce::TempStorage temp;
+  unsigned long long acc = 0;
+  for (int i = static_cast<int>(threadIdx.x); i < count; i += kReduceThreads) acc += partials[i];
+  const unsigned long long r = BlockReduce(temp).Sum(acc);
+  if (threadIdx.x == 0) partials[0] = r;
+}
+
+//! 1 for a NaN or infinite element, else 0.
+template <class T>
+struct NotFiniteTerm {
+  const T* p;
+  __device__ __forceinline__ unsigned long long operator()(std::size_t i) const {
+    return fixed::not_finite(as_double(p[i])) ? 1ull : 0ull;
+  }
+};
+
+//! The stream checksum's term (core/fixed_point.hpp).
+template <int B>
+struct ChecksumTerm {
+  const FixedPoint<B>* p;
+  __device__ __forceinline__ unsigned long long operator()(std::size_t i) const {
+    return fixed::checksum_term(static_cast<std::uint64_t>(i), p[i].raw);
+  }
+};
+
+//! sum_i term(i) modulo 2^64 on the context's stream; waits for the result.
+template <class Term>
+std::uint64_t sum_u64(CudaContext& ctx, Term term, std::size_t n) {
+  if (n == 0) return 0;
+  const std::size_t blocks_wanted = (n + kReduceThreads - 1) / kReduceThreads;
+  const int blocks = static_cast<int>(std::min<std::size_t>(
+      blocks_wanted, std::min<std::size_t>(1024, static_cast<std::size_t>(ctx.multiprocessor_count()) * 4)));
+  auto partials = ctx.allocate<unsigned long long>(static_cast<std::size_t>(blocks), MemoryCategory::Other);
+  sum_u64_partials<Term><<<blocks, kReduceThreads, 0, ctx.stream()>>>(term, n, partials.data());
+  DR2NET_CUDA_CHECK_LAUNCH("dr2net sum_u64_partials");
+  sum_u64_final<<<1, kReduceThreads, 0, ctx.stream()>>>(partials.data(), blocks);
+  DR2NET_CUDA_CHECK_LAUNCH("dr2net sum_u64_final");
+  unsigned long long r = 0;
+  DR2NET_CUDA_CHECK(cudaMemcpyAsync(&r, partials.data(), sizeof r, cudaMemcpyDeviceToHost, ctx.stream()));
+  ctx.synchronize();
+  return static_cast<std::uint64_t>(r);
+}
+
 }  // namespace cuda_detail
+
+//! Number of NaN or infinite elements of a device array (host twin: backend/host/context.hpp).
+template <class T>
+std::size_t count_not_finite(CudaContext& ctx, const T* p, std::size_t n) {
+  return static_cast<std::size_t>(cuda_detail::sum_u64(ctx, cuda_detail::NotFiniteTerm<T>{p}, n));
+}
+
+//! The 64-bit checksum of a fixed-point stream in device memory, bit-identical to the host's.
+template <int B>
+std::uint64_t stream_checksum(CudaContext& ctx, const FixedPoint<B>* p, std::size_t n) {
+  return cuda_detail::sum_u64(ctx, cuda_detail::ChecksumTerm<B>{p}, n);
+}
 
 //! max_i |a_i - b_i| and max_i |b_i| over device arrays, in double; waits for the result.
 template <class T>

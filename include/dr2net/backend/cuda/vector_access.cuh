@@ -104,7 +104,7 @@ struct VectorAccess<ForwardCombine<S, C, A>> {
     load_vector<width>(k.x + i, x);
     load_vector<width>(k.y + i, y);
     load_vector<width>(k.f + i, f);
-    const Fn local{x, y, f, k.alpha, k.beta};
+    const Fn local{x, y, f, k.alpha, k.beta, k.flag};
 #pragma unroll
     for (int j = 0; j < width; ++j) local(static_cast<std::size_t>(j));
     store_vector<width>(k.x + i, x);
@@ -164,12 +164,12 @@ struct VectorAccess<BackwardCombine<S, C, A, Reconstruct>> {
       load_vector<width>(k.y + i, y);
       load_vector<width>(k.x + i, x);
       load_vector<width>(k.f + i, f);
-      const Fn local{gx, gy, k.jt != nullptr ? jt : nullptr, y, x, f, k.alpha, k.beta};
+      const Fn local{gx, gy, k.jt != nullptr ? jt : nullptr, y, x, f, k.alpha, k.beta, k.flag};
 #pragma unroll
       for (int j = 0; j < width; ++j) local(static_cast<std::size_t>(j));
       store_vector<width>(k.y + i, y);
     } else {
-      const Fn local{gx, gy, k.jt != nullptr ? jt : nullptr, nullptr, nullptr, nullptr, k.alpha, k.beta};
+      const Fn local{gx, gy, k.jt != nullptr ? jt : nullptr, nullptr, nullptr, nullptr, k.alpha, k.beta, k.flag};
 #pragma unroll
       for (int j = 0; j < width; ++j) local(static_cast<std::size_t>(j));
     }

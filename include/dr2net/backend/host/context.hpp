@@ -11,8 +11,8 @@
 #include <utility>
 
 #include "dr2net/core/error.hpp"
+#include "dr2net/core/fixed_point.hpp"
 #include "dr2net/core/memory_meter.hpp"
-#include "dr2net/core/reconstruction.hpp"
 #include "dr2net/core/tensor.hpp"
 
 namespace dr2net {
@@ -90,9 +90,6 @@ class HostContext {
   MemoryMeter& meter() noexcept { return meter_; }
   const MemoryMeter& meter() const noexcept { return meter_; }
   const HostContextOptions& options() const noexcept { return options_; }
-  //! The reconstruction monitor's report of the latest reversible backward.
-  ReconstructionReport& reconstruction() noexcept { return reconstruction_; }
-  const ReconstructionReport& reconstruction() const noexcept { return reconstruction_; }
 
   template <class T>
   HostBuffer<T> allocate(std::size_t count, MemoryCategory category) {
@@ -132,7 +129,6 @@ class HostContext {
  private:
   HostContextOptions options_;
   MemoryMeter meter_;
-  ReconstructionReport reconstruction_;
 };
 
 //! max_i |a_i - b_i| and max_i |b_i|, in double: the monitor's comparison.
@@ -147,6 +143,30 @@ std::pair<double, double> max_abs_diff_and_max(HostContext&, const T* a, const T
     if (d != d) diff = d;  // NaN is reported, not hidden by max
   }
   return {diff, mag};
+}
+
+//! dst[0, n) <- src[0, n): reading library memory back (host memory already; a plain copy).
+template <class T>
+void copy_to_host(HostContext&, T* dst, const T* src, std::size_t n) {
+  if (n > 0) std::memcpy(dst, src, n * sizeof(T));
+}
+
+//! Number of NaN or infinite elements in [0, n): the non-finite checks of parameter gradients
+//! and the diagnosis that names a bad tensor.
+template <class T>
+std::size_t count_not_finite(HostContext&, const T* p, std::size_t n) {
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < n; ++i) bad += fixed::not_finite(static_cast<double>(p[i])) ? 1 : 0;
+  return bad;
+}
+
+//! The 64-bit checksum of a fixed-point stream: sum of checksum_term(i, raw_i) modulo 2^64
+//! (order-independent, so every backend's reduction gives the same value).
+template <int B>
+std::uint64_t stream_checksum(HostContext&, const FixedPoint<B>* p, std::size_t n) {
+  std::uint64_t sum = 0;
+  for (std::size_t i = 0; i < n; ++i) sum += fixed::checksum_term(i, p[i].raw);
+  return sum;
 }
 
 //! Runs `fn(i)` for i in [0, n): the host form of an elementwise kernel launch. Block code
