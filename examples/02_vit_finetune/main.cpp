@@ -5,7 +5,14 @@
 //       the pretrained network, trained with ordinary backprop that stores every activation.
 //   (b) Dr²Net finetuning: the paper's schedule from (1, 0.1) to (0, 1), reached at 2/3 of the
 //       steps, in BackpropMode::ErrorBounded: activations are reconstructed from the output,
-//       with stream snapshots only where fp32 reconstruction error would exceed its tolerance.
+//       with stream snapshots only where fp32 reconstruction error would exceed its stream
+//       tolerance (the guard redoes a step with more snapshots if it ever does).
+//   (c) Dr²Net exact: the same schedule with fixed-point streams (dr2net::FixedFp32): every
+//       activation is reconstructed bit for bit, so the gradients are those of standard
+//       backprop of the same network; a few side bits per element are kept where |beta| < 1.
+//
+// With --proximity, two more exact runs at a constant (1, 0.1) and (1, 0.01): closer to the
+// pretrained network than the paper's schedule can afford, which exactness makes possible.
 //
 // Same seed, same data order, same optimizer (AdamW, weight decay 0.05, warmup + cosine
 // learning rate, gradient clipping at 1.0) for both. At the end a table compares test
@@ -58,6 +65,7 @@ struct Options {
   double finetune_lr = 1e-3;
   std::uint64_t seed = 1;
   bool skip_pretrain = false;
+  bool proximity = false;
 };
 
 void usage(const char* argv0) {
@@ -74,7 +82,8 @@ void usage(const char* argv0) {
       "  --batch B             (default 64)\n"
       "  --finetune-lr LR      peak learning rate of both finetuning runs (default 1e-3)\n"
       "  --seed S              (default 1)\n"
-      "  --skip-pretrain       finetune from an existing checkpoint at --out instead of pretraining\n",
+      "  --skip-pretrain       finetune from an existing checkpoint at --out instead of pretraining\n"
+      "  --proximity           also finetune exactly at a constant (1, 0.1) and (1, 0.01)\n",
       argv0, std::string(dr2net::data::kFashionMnistDefaultDir).c_str());
 }
 
@@ -88,6 +97,10 @@ bool parse(int argc, char** argv, Options& o) {
     }
     if (a == "--skip-pretrain") {
       o.skip_pretrain = true;
+      continue;
+    }
+    if (a == "--proximity") {
+      o.proximity = true;
       continue;
     }
     if (i + 1 >= argc) {
@@ -146,7 +159,8 @@ void gather(const LabelledImages& set, std::span<const std::int64_t> indices, st
 }
 
 // Test accuracy in percent, batch by batch (the last batch may be smaller).
-double evaluate(VitClassifier& model, const LabelledImages& set, std::int64_t batch, std::int64_t step) {
+template <class Model>
+double evaluate(Model& model, const LabelledImages& set, std::int64_t batch, std::int64_t step) {
   std::vector<float> images;
   std::vector<std::int32_t> labels;
   std::vector<std::int64_t> idx;
@@ -176,6 +190,7 @@ struct TrainResult {
   double seconds = 0;  // wall time of the training steps
   std::size_t peak_activation = 0, peak_total = 0;        // whole training run
   std::size_t window_activation = 0, window_total = 0;    // from window_step on
+  std::size_t side_bits = 0;                               // peak side-bit bytes (exact mode)
 };
 
 // One progress line per epoch, redrawn in place on a terminal and printed once otherwise.
@@ -201,7 +216,8 @@ class Progress {
   bool tty_;
 };
 
-TrainResult train(VitClassifier& model, dr2net::HostContext& ctx, const LabelledImages& set, const TrainConfig& tc,
+template <class Model>
+TrainResult train(Model& model, dr2net::HostContext& ctx, const LabelledImages& set, const TrainConfig& tc,
                   const char* label) {
   auto params = model.parameters();
   dr2net::optim::AdamW<float> opt(ctx, params, {.lr = tc.lr, .weight_decay = tc.weight_decay});
@@ -248,6 +264,7 @@ TrainResult train(VitClassifier& model, dr2net::HostContext& ctx, const Labelled
     result.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   result.steps = total;
+  result.side_bits = ctx.meter().peak(dr2net::MemoryCategory::SideBits);
   if (tc.window_step >= 0 && tc.window_step < total) {
     result.window_activation = ctx.meter().peak_activation();
     result.window_total = ctx.meter().peak_total();
@@ -260,7 +277,31 @@ TrainResult train(VitClassifier& model, dr2net::HostContext& ctx, const Labelled
   return result;
 }
 
+// One finetuning run of the side-by-side table.
+struct Run {
+  const char* label;   // progress lines
+  const char* column;  // table heading
+  dr2net::AnySchedule schedule;
+  dr2net::BackpropMode mode;
+  bool exact = false;  // fixed-point streams (dr2net::FixedFp32)
+  TrainResult result{};
+  double test_accuracy = 0;
+};
+
 double mib(std::size_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
+
+// Finetunes one model of precision P from the checkpoint and fills in r's results.
+template <class P>
+void finetune(Run& r, const example::ModelConfig& fc, const dr2net::StackOptions& so,
+              const dr2net::io::SafetensorsReader& file, const LabelledImages& train_set, const LabelledImages& test_set,
+              const TrainConfig& tc, const Options& o, std::int64_t total) {
+  dr2net::HostContext ctx;  // one per run: its meter's peaks are this run's alone
+  VitClassifier<P> model(ctx, fc, r.schedule, so, o.seed);
+  model.load_backbone(file);
+  model.head().reset_classifier(fc.classes, dr2net::mix_seed(o.seed, 77));
+  r.result = train(model, ctx, train_set, tc, r.label);
+  r.test_accuracy = evaluate(model, test_set, o.batch, total);
+}
 
 int run(const Options& o) {
   const auto wall0 = std::chrono::steady_clock::now();
@@ -295,7 +336,7 @@ int run(const Options& o) {
     std::printf("\nstage 1: pretraining on classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat), %lld images\n",
                 static_cast<long long>(pre_train.size()));
     dr2net::HostContext ctx;
-    VitClassifier model(ctx, mc, dr2net::AnySchedule(dr2net::ConstantSchedule(1.0, 0.0)),
+    VitClassifier<> model(ctx, mc, dr2net::AnySchedule(dr2net::ConstantSchedule(1.0, 0.0)),
                         {.mode = dr2net::BackpropMode::Standard, .seed = o.seed}, o.seed);
     train(model, ctx, pre_train, {.epochs = o.pretrain_epochs, .batch = o.batch, .lr = 1e-3, .seed = o.seed}, "pretrain");
     std::printf("pretrained test accuracy on classes 0-4: %.2f %%\n", evaluate(model, pre_test, o.batch, 0));
@@ -316,52 +357,54 @@ int run(const Options& o) {
               o.checkpoint.c_str(), static_cast<long long>(fine_train.size()), o.finetune_epochs,
               static_cast<long long>(total), static_cast<long long>(o.batch), static_cast<long long>(transition));
 
-  struct Run {
-    const char* label;
-    dr2net::AnySchedule schedule;
-    dr2net::BackpropMode mode;
-    TrainResult result{};
-    double test_accuracy = 0;
-  };
   std::vector<Run> runs;
-  runs.push_back({"standard", dr2net::AnySchedule(dr2net::ConstantSchedule(1.0, 0.0)), dr2net::BackpropMode::Standard});
-  runs.push_back({"Dr2Net",
-                  dr2net::AnySchedule(dr2net::PaperSchedule({{1.0, 0.1}, {0.0, 1.0}, eta, transition})),
-                  dr2net::BackpropMode::ErrorBounded});
+  const dr2net::AnySchedule paper(dr2net::PaperSchedule({{1.0, 0.1}, {0.0, 1.0}, eta, transition}));
+  runs.push_back({"standard", "standard, (1, 0)", dr2net::AnySchedule(dr2net::ConstantSchedule(1.0, 0.0)),
+                  dr2net::BackpropMode::Standard});
+  runs.push_back({"Dr2Net", "Dr2Net, error-bounded", paper, dr2net::BackpropMode::ErrorBounded});
+  runs.push_back({"exact", "Dr2Net, exact", paper, dr2net::BackpropMode::Reversible, true});
+  if (o.proximity) {
+    runs.push_back({"(1,0.1)", "exact, (1, 0.1)", dr2net::AnySchedule(dr2net::ConstantSchedule(1.0, 0.1)),
+                    dr2net::BackpropMode::Reversible, true});
+    runs.push_back({"(1,0.01)", "exact, (1, 0.01)", dr2net::AnySchedule(dr2net::ConstantSchedule(1.0, 0.01)),
+                    dr2net::BackpropMode::Reversible, true});
+  }
   for (Run& r : runs) {
-    dr2net::HostContext ctx;  // one per run: its meter's peaks are this run's alone
-    VitClassifier model(ctx, fc, r.schedule, {.mode = r.mode, .seed = o.seed}, o.seed);
-    model.load_backbone(file);
-    model.head().reset_classifier(fc.classes, dr2net::mix_seed(o.seed, 77));
-    r.result = train(model, ctx, fine_train,
-                     {.epochs = o.finetune_epochs, .batch = o.batch, .lr = o.finetune_lr, .seed = o.seed + 1,
-                      .window_step = transition},
-                     r.label);
-    r.test_accuracy = evaluate(model, fine_test, o.batch, total);
+    const TrainConfig tc{.epochs = o.finetune_epochs, .batch = o.batch, .lr = o.finetune_lr, .seed = o.seed + 1,
+                         .window_step = transition};
+    // Error-bounded mode redoes a step with more snapshots should its reconstruction ever
+    // exceed the guard; exact mode needs no guard (a mismatch is always an error).
+    const dr2net::StackOptions so{.mode = r.mode, .seed = o.seed, .guard = {.action = dr2net::GuardAction::Fallback}};
+    if (r.exact) finetune<dr2net::FixedFp32>(r, fc, so, file, fine_train, fine_test, tc, o, total);
+    else finetune<dr2net::Fp32>(r, fc, so, file, fine_train, fine_test, tc, o, total);
   }
 
-  const Run &a = runs[0], &b = runs[1];
   std::printf("\nfinetuning on classes 5-9: %lld steps of %lld images, test set %lld images\n",
               static_cast<long long>(total), static_cast<long long>(o.batch), static_cast<long long>(fine_test.size()));
-  const auto row = [](const char* what, const std::string& x, const std::string& y) {
-    std::printf("%-32s %22s %22s\n", what, x.c_str(), y.c_str());
-  };
   const auto fmt = [](const char* f, double v) {
     char buf[64];
     std::snprintf(buf, sizeof buf, f, v);
     return std::string(buf);
   };
-  row("", "standard, (1, 0)", "Dr2Net, error-bounded");
-  row("test accuracy, classes 5-9", fmt("%.2f %%", a.test_accuracy), fmt("%.2f %%", b.test_accuracy));
-  row("peak activation memory", fmt("%.2f MiB", mib(a.result.peak_activation)), fmt("%.2f MiB", mib(b.result.peak_activation)));
-  row("  from (0, 1) on (last third)", fmt("%.2f MiB", mib(a.result.window_activation)),
-      fmt("%.2f MiB", mib(b.result.window_activation)));
-  row("peak total memory", fmt("%.2f MiB", mib(a.result.peak_total)), fmt("%.2f MiB", mib(b.result.peak_total)));
-  row("time per step", fmt("%.1f ms", 1e3 * a.result.seconds / static_cast<double>(a.result.steps)),
-      fmt("%.1f ms", 1e3 * b.result.seconds / static_cast<double>(b.result.steps)));
-  std::printf("\nDr2Net - standard: %+.2f percentage points of accuracy; peak activation memory x%.2f\n",
-              b.test_accuracy - a.test_accuracy,
-              static_cast<double>(b.result.peak_activation) / static_cast<double>(a.result.peak_activation));
+  const auto row = [&](const char* what, auto cell) {
+    std::printf("%-30s", what);
+    for (const Run& r : runs) std::printf(" %22s", cell(r).c_str());
+    std::printf("\n");
+  };
+  row("", [](const Run& r) { return std::string(r.column); });
+  row("test accuracy, classes 5-9", [&](const Run& r) { return fmt("%.2f %%", r.test_accuracy); });
+  row("peak activation memory", [&](const Run& r) { return fmt("%.2f MiB", mib(r.result.peak_activation)); });
+  row("  of which side bits", [&](const Run& r) { return fmt("%.2f MiB", mib(r.result.side_bits)); });
+  row("  from (0, 1) on (last third)", [&](const Run& r) { return fmt("%.2f MiB", mib(r.result.window_activation)); });
+  row("peak total memory", [&](const Run& r) { return fmt("%.2f MiB", mib(r.result.peak_total)); });
+  row("time per step", [&](const Run& r) {
+    return fmt("%.1f ms", 1e3 * r.result.seconds / static_cast<double>(r.result.steps));
+  });
+  const Run& a = runs[0];
+  for (std::size_t k = 1; k < runs.size(); ++k)
+    std::printf("%s - standard: %+.2f percentage points of accuracy; peak activation memory x%.2f\n", runs[k].column,
+                runs[k].test_accuracy - a.test_accuracy,
+                static_cast<double>(runs[k].result.peak_activation) / static_cast<double>(a.result.peak_activation));
   std::printf("total wall time %.0f s\n",
               std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count());
   return 0;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -18,10 +19,14 @@
 
 namespace example {
 
-// One layer type for every run: the schedule is chosen at run time, so standard finetuning
-// at a constant (1, 0) and Dr²Net's moving schedule train through the same code.
-using Layer = dr2net::VitLayer<float, dr2net::AnySchedule>;
-using Stack = dr2net::ReversibleStack<Layer>;
+// One layer type per precision policy: the schedule is chosen at run time, so standard
+// finetuning at a constant (1, 0) and Dr²Net's moving schedule train through the same code.
+// dr2net::Fp32 keeps the streams in fp32; dr2net::FixedFp32 keeps them in fixed point, which
+// makes reversible backprop exact (the functions compute in fp32 either way).
+template <class Precision>
+using Layer = dr2net::VitLayer<float, dr2net::AnySchedule, Precision>;
+template <class Precision>
+using Stack = dr2net::ReversibleStack<Layer<Precision>>;
 
 struct ModelConfig {
   std::int64_t image = 28, channels = 1, patch = 7;
@@ -35,18 +40,23 @@ struct StepResult {
   std::int64_t correct = 0;
 };
 
+template <class Precision = dr2net::Fp32>
 class VitClassifier {
+  // The stack's input and output are fp32 views whatever the streams are stored in.
+  static_assert(std::is_same_v<typename Stack<Precision>::value_type, float>, "an fp32 classifier");
+
  public:
   VitClassifier(dr2net::HostContext& ctx, const ModelConfig& c, dr2net::AnySchedule schedule,
                 dr2net::StackOptions options, std::uint64_t seed)
       : ctx_(&ctx), config_(c),
         embedding_(ctx, {c.channels, c.image, c.image, c.patch, c.dim}, dr2net::mix_seed(seed, 1000)),
-        stack_(ctx, dr2net::make_vit_layers<float, dr2net::AnySchedule>(c.layers, c.dim, c.heads, c.hidden, 1e-6, 0.0, seed),
-               std::move(schedule), options),
+        stack_(ctx, dr2net::make_vit_layers<float, dr2net::AnySchedule, Precision>(c.layers, c.dim, c.heads, c.hidden,
+                                                                                   1e-6, 0.0, seed),
+               std::move(schedule), std::move(options)),
         head_(ctx, {c.dim, c.classes, 1e-6}, dr2net::mix_seed(seed, 1001)) {}
 
   const ModelConfig& config() const { return config_; }
-  Stack& stack() { return stack_; }
+  Stack<Precision>& stack() { return stack_; }
   dr2net::VitEmbedding<float>& embedding() { return embedding_; }
   dr2net::VitHead<float>& head() { return head_; }
 
@@ -140,7 +150,7 @@ class VitClassifier {
   dr2net::HostContext* ctx_;
   ModelConfig config_;
   dr2net::VitEmbedding<float> embedding_;
-  Stack stack_;
+  Stack<Precision> stack_;
   dr2net::VitHead<float> head_;
   dr2net::HostBuffer<float> h0_, out_, dout_, dh0_, logits_, dlogits_;
 };
