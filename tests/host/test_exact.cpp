@@ -485,3 +485,33 @@ TEST_CASE("error-bounded mode bounds what it says on a 12-layer tanh MLP at (1, 
   const auto exact = run_step(ref, shape, h0, dout);
   for (std::size_t k = 0; k < exact.grads.size(); ++k) CHECK(identical(exact.grads[k], standard.grads[k]));
 }
+
+TEST_CASE("fixed-point integer arithmetic matches 128-bit references", "[exact][arithmetic]") {
+  __extension__ using i128 = __int128;
+  std::uint64_t seed;
+  auto rng = dr2net::testing::fresh_rng(seed);
+  INFO("seed " << seed);
+  const auto floor_div = [](i128 a, i128 b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0)) ? 1 : 0); };
+  std::uniform_int_distribution<std::int64_t> any(-(std::int64_t{1} << 61), std::int64_t{1} << 61);
+  std::uniform_int_distribution<std::int64_t> small(-(std::int64_t{1} << 20), std::int64_t{1} << 20);
+  std::vector<std::int64_t> ps{1, 2, 3, 7, 167772, 1677722, 8388608, 16777215, 16777216, 16777217, 50000000,
+                               std::int64_t{1} << 38};
+  for (int k = 0; k < 200; ++k) ps.push_back(std::uniform_int_distribution<std::int64_t>(1, 1 << 24)(rng));
+  const i128 two_k = i128{1} << fixed::kCoefficientBits;
+  for (const std::int64_t p : ps) {
+    for (int t = 0; t < 200; ++t) {
+      const std::int64_t x = (t % 2 == 0 ? any : small)(rng);
+      INFO("p " << p << " x " << x);
+      const i128 r = floor_div(i128(p) * x, two_k);
+      if (r >= (i128{1} << 62) || r <= -(i128{1} << 62)) continue;  // outside the range the stack admits
+      REQUIRE(fixed::mul_floor(x, p) == static_cast<std::int64_t>(r));
+      const i128 c = -floor_div(-r * two_k, p);  // ceil(r 2^k / p)
+      REQUIRE(fixed::ceil_div_mul(static_cast<std::int64_t>(r), p) == static_cast<std::int64_t>(c));
+      if (p <= (std::int64_t{1} << fixed::kCoefficientBits)) {
+        const std::uint64_t s = fixed::side_bits_of(x, p);
+        REQUIRE(static_cast<i128>(s) == i128(x) - c);
+        REQUIRE(static_cast<int>(s == 0 ? 0 : 64 - __builtin_clzll(s)) <= fixed::side_bit_width(p));
+      }
+    }
+  }
+}

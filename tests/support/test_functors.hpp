@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -134,8 +135,12 @@ std::vector<T> random_vector(std::size_t n, std::mt19937_64& rng, double lo = -1
 }
 
 //! A generator seeded from std::random_device; the seed goes into Catch's log on failure.
+//! DR2NET_TEST_SEED=<seed> in the environment replays a logged seed.
 inline std::mt19937_64 fresh_rng(std::uint64_t& seed_out) {
-  seed_out = (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+  if (const char* s = std::getenv("DR2NET_TEST_SEED"); s != nullptr && *s != '\0')
+    seed_out = std::strtoull(s, nullptr, 10);
+  else
+    seed_out = (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
   return std::mt19937_64(seed_out);
 }
 

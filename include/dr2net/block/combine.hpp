@@ -244,8 +244,7 @@ struct FixedForwardCombine {
       if (!(bound < fixed::kLimit)) bad = true;
       x[i] = S{fixed::wrapping_sum(ta, tf, tb)};
       if (side.words != nullptr) {
-        const auto s = static_cast<std::uint64_t>(xi - fixed::ceil_div_mul(r, beta.p));
-        word |= s << ((i - begin) * static_cast<std::size_t>(side.width));
+        word |= fixed::side_bits_of(xi, beta.p) << ((i - begin) * static_cast<std::size_t>(side.width));
       }
     }
     if (side.words != nullptr) side.words[w] = word;

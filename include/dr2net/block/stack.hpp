@@ -77,7 +77,7 @@ struct ErrorBoundOptions {
   double planning_margin = 0.3;       //!< plan for this fraction of stream_tolerance (room for misprediction)
   double lipschitz = 0.0;             //!< prior bound on |eigenvalues| of the functions' Jacobians
   double initial_error_scale = 8.0;   //!< error_scale before anything was measured
-  double error_scale_decay = 0.7;     //!< per-step decay of error_scale toward what is measured
+  double error_scale_decay = 0.9;     //!< per-step decay of error_scale toward what is measured
 };
 
 struct StackOptions {

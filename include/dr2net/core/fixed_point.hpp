@@ -105,15 +105,48 @@ DR2NET_HD_INLINE std::int64_t mul_floor(std::int64_t x, std::int64_t p) {
 }
 
 //! ceil(r * 2^k / p) for p > 0, modulo 2^64 when the exact result exceeds int64.
+//! With r = q p + rem (0 <= rem < p) this is q 2^k + ceil(rem 2^k / p). For p <= 2^k (|beta| <= 1)
+//! both divisions go through double and are then made exact: q from a double quotient
+//! corrected by integer remainders, and ceil(rem 2^k / p) directly, since rem 2^k < 2^48 and
+//! p < 2^25 keep a non-integer quotient at least 2^-48 (relative) from any integer, beyond
+//! double rounding. Larger p divides in integers.
 DR2NET_HD_INLINE std::int64_t ceil_div_mul(std::int64_t r, std::int64_t p) {
   constexpr int k = kCoefficientBits;
-  std::int64_t q = r / p, rem = r % p;
-  if (rem < 0) {
-    q -= 1;
-    rem += p;
+  std::int64_t q, rem;
+  const double qd = ::floor(static_cast<double>(r) / static_cast<double>(p));
+  if (p <= (std::int64_t{1} << k) && qd > -kLimit && qd < kLimit) {
+    q = static_cast<std::int64_t>(qd);
+    rem = static_cast<std::int64_t>(static_cast<std::uint64_t>(r) - static_cast<std::uint64_t>(q) * static_cast<std::uint64_t>(p));
+    while (rem < 0) {  // the double quotient is off by a few units at most
+      --q;
+      rem += p;
+    }
+    while (rem >= p) {
+      ++q;
+      rem -= p;
+    }
+  } else {
+    q = r / p;
+    rem = r % p;
+    if (rem < 0) {
+      q -= 1;
+      rem += p;
+    }
   }
-  const std::int64_t frac = ((rem << k) + p - 1) / p;  // rem < p <= 2^38: no overflow
+  const std::int64_t frac =
+      p <= (std::int64_t{1} << k)
+          ? static_cast<std::int64_t>(::ceil(static_cast<double>(rem << k) / static_cast<double>(p)))
+          : ((rem << k) + p - 1) / p;  // rem < p <= 2^38: no overflow
   return static_cast<std::int64_t>((static_cast<std::uint64_t>(q) << k) + static_cast<std::uint64_t>(frac));
+}
+
+//! The side bits of x for the term floor(p x / 2^k): s = x - ceil(floor(p x / 2^k) 2^k / p),
+//! computed without a 64-bit division as floor(t / p) with t = (p x) mod 2^k (p x = R 2^k + t
+//! gives ceil(R 2^k / p) = x - floor(t / p)); t < 2^k, so the double quotient's floor is exact.
+DR2NET_HD_INLINE std::uint64_t side_bits_of(std::int64_t x, std::int64_t p) {
+  constexpr std::uint64_t mask = (std::uint64_t{1} << kCoefficientBits) - 1;
+  const std::uint64_t t = (static_cast<std::uint64_t>(p) * (static_cast<std::uint64_t>(x) & mask)) & mask;
+  return static_cast<std::uint64_t>(::floor(static_cast<double>(t) / static_cast<double>(p)));
 }
 
 //! The term c * x on the grid: sign * floor(p * x / 2^k).
