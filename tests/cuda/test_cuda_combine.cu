@@ -1,6 +1,9 @@
 // The CUDA backend's context, error reporting, fused combine kernels and monitor reduction,
 // each against its host twin on fresh random data, with poisoned outputs and guard
-// elements, odd sizes and misaligned starts.
+// elements, odd sizes and misaligned starts. Exact mode: the fixed-point combines bit for bit
+// against the host (raw int64 and side-bit words), forward then inverse restoring the input
+// bit for bit, the stream checksum and count_not_finite against the host, and the check
+// flags of every pass that has one (vector and element paths).
 
 #include <cmath>
 #include <cstdint>
@@ -162,6 +165,212 @@ void combine_case(CudaContext& ctx, std::mt19937_64& rng, const char* name) {
   });
 }
 
+
+// ---- exact mode ------------------------------------------------------------------------------
+
+using Fx = FixedPoint<32>;
+constexpr std::int64_t kPoisonRaw = -1;                  // what 0xFF poison bytes read as
+constexpr std::uint64_t kPoisonWord = ~std::uint64_t{0};  // side-bit guard words (set by hand)
+
+//! Fixed-point elements with every raw bit random, |h| < lim.
+std::vector<Fx> random_fixed(std::size_t n, std::mt19937_64& rng, double lim) {
+  const auto bound = static_cast<std::int64_t>(lim * Fx::scale);
+  std::uniform_int_distribution<std::int64_t> u(-bound, bound);
+  std::vector<Fx> v(n);
+  for (auto& x : v) x = Fx{u(rng)};
+  return v;
+}
+
+std::vector<std::int64_t> raws(const std::vector<Fx>& v) {
+  std::vector<std::int64_t> r(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) r[i] = v[i].raw;
+  return r;
+}
+
+//! A poisoned device buffer of n + kGuard fixed-point elements holding `host` at the start.
+DeviceBuffer<Fx> fixed_on_device(CudaContext& ctx, const std::vector<Fx>& host) {
+  auto b = ctx.allocate<Fx>(host.size() + kGuard, MemoryCategory::Other);
+  copy_to_device(ctx, b.data(), host.data(), host.size());
+  return b;
+}
+
+//! The first n raw values of a device buffer; checks the kGuard elements after them are untouched.
+std::vector<std::int64_t> fixed_result(CudaContext& ctx, const DeviceBuffer<Fx>& b, std::size_t n, const std::string& what) {
+  const auto all = to_host(ctx, b.data(), n + kGuard);
+  bool guards = true;
+  for (std::size_t i = n; i < all.size(); ++i) guards = guards && all[i].raw == kPoisonRaw;
+  GPU_CHECK(guards, what + ": a kernel wrote past the end");
+  std::vector<std::int64_t> r(n);
+  for (std::size_t i = 0; i < n; ++i) r[i] = all[i].raw;
+  return r;
+}
+
+//! One uint32 check flag in device memory, zeroed.
+DeviceBuffer<std::uint32_t> device_flag(CudaContext& ctx) {
+  auto f = ctx.allocate<std::uint32_t>(1, MemoryCategory::Other);
+  DR2NET_CUDA_CHECK(cudaMemsetAsync(f.data(), 0, sizeof(std::uint32_t), ctx.stream()));
+  return f;
+}
+std::uint32_t read_flag(CudaContext& ctx, const DeviceBuffer<std::uint32_t>& f) {
+  std::uint32_t v = 0;
+  copy_to_host(ctx, &v, f.data(), 1);
+  return v;
+}
+
+//! FixedForwardCombine and FixedInverseCombine, one size and coefficient pair, C compute:
+//! device against the host loop bit for bit (streams, side-bit words, flags), and forward then
+//! inverse restoring the input bit for bit on both. `keep` false: standard mode (no side bits;
+//! only the forward is checked when beta loses bits).
+template <class C>
+void check_fixed_combines(CudaContext& ctx, std::mt19937_64& rng, std::size_t n, double alpha_value,
+                          double beta_value, bool keep) {
+  HostContext host;
+  const fixed::Coefficient alpha = fixed::quantize_coefficient(alpha_value);
+  const fixed::Coefficient beta = fixed::quantize_coefficient(beta_value);
+  const int width = fixed::side_bit_width(beta.p);
+  SideBits hside, dside;  // empty: one work item per element
+  if (keep && width > 0) {
+    hside.width = dside.width = width;
+    hside.per_word = dside.per_word = fixed::elements_per_word(width);
+  }
+  const auto per = static_cast<std::size_t>(hside.per_word);
+  const std::size_t items = (n + per - 1) / per;
+  const bool sided = hside.width > 0;
+  const std::string where = std::string(sizeof(C) == 4 ? "fp32" : "fp64") + " n " + std::to_string(n) + " alpha " +
+                            std::to_string(alpha_value) + " beta " + std::to_string(beta_value) + " width " +
+                            std::to_string(width) + (keep ? "" : " (no side bits)");
+
+  const auto x0 = random_fixed(n, rng, 6.0), y0 = random_fixed(n, rng, 6.0);
+  const auto f = random_values<C>(n, rng, -2.0, 2.0);
+  auto dx = fixed_on_device(ctx, x0), dy = fixed_on_device(ctx, y0);
+  auto df = to_device(ctx, f);
+  DeviceBuffer<std::uint64_t> dwords;
+  std::vector<std::uint64_t> hwords;
+  if (sided) {
+    dwords = ctx.allocate<std::uint64_t>(items + kGuard, MemoryCategory::SideBits);
+    DR2NET_CUDA_CHECK(cudaMemsetAsync(dwords.data(), 0xFF, (items + kGuard) * sizeof(std::uint64_t), ctx.stream()));
+    hwords.assign(items, kPoisonWord);
+    dside.words = dwords.data();
+    hside.words = hwords.data();
+  }
+  auto dflag = device_flag(ctx);
+  std::uint32_t hflag = 0;
+
+  // forward: x <- A(y) + Q(f) + B(x), side bits <- what B lost
+  std::vector<Fx> hx = x0;
+  for_each_index(ctx, items, FixedForwardCombine<Fx, C>{dx.data(), dy.data(), df.data(), alpha, beta, dside, n, dflag.data()});
+  for_each_index(host, items, FixedForwardCombine<Fx, C>{hx.data(), y0.data(), f.data(), alpha, beta, hside, n, &hflag});
+  const auto fwd = fixed_result(ctx, dx, n, "fixed forward x " + where);
+  GPU_CHECK(fwd == raws(hx), "fixed forward: raw stream differs from the host's (" + where + ")");
+  GPU_CHECK(fixed_result(ctx, dy, n, "fixed forward y " + where) == raws(y0), "fixed forward wrote y (" + where + ")");
+  if (sided) {
+    const auto words = to_host(ctx, dwords.data(), items + kGuard);
+    GPU_CHECK(std::vector<std::uint64_t>(words.begin(), words.begin() + static_cast<std::ptrdiff_t>(items)) == hwords,
+              "fixed forward: side-bit words differ from the host's (" + where + ")");
+    bool guards = true;
+    for (std::size_t w = items; w < words.size(); ++w) guards = guards && words[w] == kPoisonWord;
+    GPU_CHECK(guards, "fixed forward wrote past the side-bit words (" + where + ")");
+  }
+  GPU_CHECK(read_flag(ctx, dflag) == hflag && hflag == 0, "fixed forward: flag set on in-range data (" + where + ")");
+
+  if (!keep && width > 0) return;  // not invertible without the side bits
+  // inverse: x_{i-1} = ceil((Y - A(X) - Q(f)) 2^k / p) + side bits, over the forward's output
+  for_each_index(ctx, items, FixedInverseCombine<Fx, C>{dx.data(), dy.data(), df.data(), alpha, beta, dside, n, dflag.data()});
+  for_each_index(host, items, FixedInverseCombine<Fx, C>{hx.data(), y0.data(), f.data(), alpha, beta, hside, n, &hflag});
+  const auto inv = fixed_result(ctx, dx, n, "fixed inverse " + where);
+  GPU_CHECK(inv == raws(hx), "fixed inverse: raw stream differs from the host's (" + where + ")");
+  GPU_CHECK(inv == raws(x0), "fixed forward then inverse did not restore the input bit for bit on the device (" + where + ")");
+  GPU_CHECK(raws(hx) == raws(x0), "fixed forward then inverse did not restore the input on the host (" + where + ")");
+  GPU_CHECK(read_flag(ctx, dflag) == hflag && hflag == 0, "fixed inverse: flag set on in-range data (" + where + ")");
+}
+
+//! The fixed-point combines' flags: a NaN in f, an f outside the range, and a sum leaving
+//! the range each set the flag on the device exactly when they do on the host.
+template <class C>
+void check_fixed_flags(CudaContext& ctx, std::mt19937_64& rng) {
+  HostContext host;
+  const std::size_t n = 1001;
+  const auto alpha = fixed::quantize_coefficient(1.0), beta = fixed::quantize_coefficient(0.1);
+  const int width = fixed::side_bit_width(beta.p);
+  const int per = fixed::elements_per_word(width);
+  const std::size_t items = (n + static_cast<std::size_t>(per) - 1) / static_cast<std::size_t>(per);
+  const double big = 0.9 * std::ldexp(1.0, 62 - Fx::frac_bits);  // in range alone, not twice over
+  struct Bad {
+    const char* what;
+    std::size_t at;
+    double f;          // f[at]
+    double y;          // y[at] (0: unchanged)
+    bool forward_bad;  // whether the forward flags it
+  };
+  const Bad cases[] = {{"none", 0, 0.5, 0, false},
+                       {"NaN in f (first element)", 0, std::numeric_limits<double>::quiet_NaN(), 0, true},
+                       {"NaN in f (last element)", n - 1, std::numeric_limits<double>::quiet_NaN(), 0, true},
+                       {"Inf in f", 500, std::numeric_limits<double>::infinity(), 0, true},
+                       {"f outside the range", 37, 4.0 * big, 0, true},
+                       {"sum outside the range", 38, big, big, true}};
+  for (const Bad& b : cases) {
+    auto x = random_fixed(n, rng, 4.0), y = random_fixed(n, rng, 4.0);
+    auto f = random_values<C>(n, rng);
+    f[b.at] = static_cast<C>(b.f);
+    if (b.y != 0) {
+      bool bad = false;
+      y[b.at] = Fx{fixed::quantize(b.y, Fx::scale, bad)};
+    }
+    auto dx = fixed_on_device(ctx, x), dy = fixed_on_device(ctx, y);
+    auto df = to_device(ctx, f);
+    std::vector<std::uint64_t> hw(items);
+    auto dw = ctx.allocate<std::uint64_t>(items, MemoryCategory::SideBits);
+    const SideBits hs{hw.data(), width, per}, ds{dw.data(), width, per};
+    auto dflag = device_flag(ctx);
+    std::uint32_t hflag = 0;
+    for_each_index(ctx, items, FixedForwardCombine<Fx, C>{dx.data(), dy.data(), df.data(), alpha, beta, ds, n, dflag.data()});
+    for_each_index(host, items, FixedForwardCombine<Fx, C>{x.data(), y.data(), f.data(), alpha, beta, hs, n, &hflag});
+    const std::uint32_t dfwd = read_flag(ctx, dflag);
+    GPU_CHECK(dfwd == hflag, std::string("fixed forward flag differs from the host's: ") + b.what);
+    GPU_CHECK((hflag != 0) == b.forward_bad, std::string("host fixed forward flag: ") + b.what);
+    GPU_CHECK(fixed_result(ctx, dx, n, b.what) == raws(x), std::string("fixed forward raw differs: ") + b.what);
+    // The inverse reads the same f: a non-finite or out-of-range f is flagged there too.
+    auto iflag = device_flag(ctx);
+    std::uint32_t hiflag = 0;
+    for_each_index(ctx, items, FixedInverseCombine<Fx, C>{dx.data(), dy.data(), df.data(), alpha, beta, ds, n, iflag.data()});
+    for_each_index(host, items, FixedInverseCombine<Fx, C>{x.data(), y.data(), f.data(), alpha, beta, hs, n, &hiflag});
+    GPU_CHECK(read_flag(ctx, iflag) == hiflag, std::string("fixed inverse flag differs from the host's: ") + b.what);
+    GPU_CHECK(fixed_result(ctx, dx, n, b.what) == raws(x), std::string("fixed inverse raw differs: ") + b.what);
+  }
+}
+
+//! Random values with NaN, +Inf and -Inf at `bad` random positions (some repeated).
+template <class T>
+std::vector<T> with_non_finite(std::size_t n, std::size_t bad, std::mt19937_64& rng) {
+  auto v = random_values<T>(n, rng, -1e3, 1e3);
+  if (n > 2) v[n / 2] = std::numeric_limits<T>::max();  // finite: must not count (unless overwritten below)
+  std::uniform_int_distribution<std::size_t> at(0, n - 1);
+  const T specials[] = {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
+                        -std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::quiet_NaN()};
+  for (std::size_t k = 0; k < bad; ++k) v[k == 0 ? n - 1 : (k == 1 ? 0 : at(rng))] = specials[k % 4];
+  return v;
+}
+
+template <class T>
+void check_count_not_finite(CudaContext& ctx, std::mt19937_64& rng, const char* type) {
+  HostContext host;
+  const bool quick = std::getenv("DR2NET_GPU_TEST_QUICK") != nullptr;
+  for (std::size_t n : {std::size_t{1}, std::size_t{2}, std::size_t{257}, std::size_t{100003}, std::size_t{(1u << 20) + 9}}) {
+    if (quick && n > 200000) continue;
+    for (std::size_t bad : {std::size_t{0}, std::size_t{1}, std::size_t{2}, std::size_t{17}}) {
+      if (bad > n) continue;
+      const auto v = with_non_finite<T>(n, bad, rng);
+      auto d = ctx.allocate<T>(n + 1, MemoryCategory::Other);  // one poisoned (NaN) element after: not counted
+      copy_to_device(ctx, d.data(), v.data(), n);
+      const std::size_t got = count_not_finite(ctx, d.data(), n);
+      const std::size_t want = count_not_finite(host, v.data(), n);
+      GPU_CHECK(got == want, std::string(type) + " n " + std::to_string(n) + ": device counts " + std::to_string(got) +
+                                 ", host " + std::to_string(want));
+      GPU_CHECK(bad > 0 ? want > 0 : want == 0, std::string(type) + ": the host oracle itself");
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -278,6 +487,234 @@ int main() {
     const double nan = std::numeric_limits<double>::quiet_NaN();
     copy_to_device(ctx, a.ptr() + 1234, &nan, 1);
     GPU_CHECK(std::isnan(max_abs_diff_and_max(ctx, a.ptr(), b.ptr(), 4001).first), "NaN must be reported");
+  });
+
+  run_case("fixed-point combines: device bit for bit as host, forward then inverse exact", [&] {
+    const bool quick = std::getenv("DR2NET_GPU_TEST_QUICK") != nullptr;
+    // Elements per side-bit word: 64 at beta 0.5, 16 at 0.1, 9 at 0.01, 32 at -0.3; none kept at
+    // |beta| >= 1. The sizes are mostly not multiples of those (576 is of all of them).
+    const double betas[] = {1.0, 0.5, 0.1, 0.01, -0.3, -1.0, 1.5};
+    const double alphas[] = {1.0, 0.9, 0.0};
+    for (double beta : betas)
+      for (double alpha : alphas)
+        for (std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{65}, std::size_t{576}, std::size_t{1001},
+                              std::size_t{4099}, std::size_t{100003}}) {
+          check_fixed_combines<float>(ctx, rng, n, alpha, beta, true);
+          if (n == 1001) {
+            check_fixed_combines<double>(ctx, rng, n, alpha, beta, true);
+            check_fixed_combines<float>(ctx, rng, n, alpha, beta, false);  // standard mode: no side bits
+          }
+        }
+    if (!quick) {
+      check_fixed_combines<float>(ctx, rng, (std::size_t{1} << 20) + 3, 0.9, 0.1, true);
+      check_fixed_combines<double>(ctx, rng, (std::size_t{1} << 20) + 5, 1.0, 0.01, true);
+    }
+  });
+
+  run_case("fixed-point combines: flags on device as on host", [&] {
+    check_fixed_flags<float>(ctx, rng);
+    check_fixed_flags<double>(ctx, rng);
+  });
+
+  run_case("stream_checksum: device equals host", [&] {
+    HostContext host;
+    const bool quick = std::getenv("DR2NET_GPU_TEST_QUICK") != nullptr;
+    for (std::size_t n : {std::size_t{1}, std::size_t{2}, std::size_t{255}, std::size_t{256}, std::size_t{257},
+                          std::size_t{100003}, std::size_t{(1u << 20) + 7}, std::size_t{3000001}}) {
+      if (quick && n > 200000) continue;
+      std::vector<Fx> v(n);
+      for (auto& e : v) e = Fx{static_cast<std::int64_t>(rng())};  // every bit pattern, negatives included
+      auto d = fixed_on_device(ctx, v);
+      const std::uint64_t got = stream_checksum(ctx, d.data(), n), want = stream_checksum(host, v.data(), n);
+      GPU_CHECK(got == want, "n " + std::to_string(n) + ": device " + std::to_string(got) + ", host " + std::to_string(want));
+      // One bit flipped anywhere changes both, identically.
+      const std::size_t at = n / 3;
+      v[at].raw ^= std::int64_t{1} << (rng() % 63);
+      copy_to_device(ctx, d.data() + at, v.data() + at, 1);
+      const std::uint64_t got2 = stream_checksum(ctx, d.data(), n), want2 = stream_checksum(host, v.data(), n);
+      GPU_CHECK(got2 == want2 && got2 != got, "n " + std::to_string(n) + ": after a bit flip");
+    }
+    GPU_CHECK(stream_checksum(ctx, static_cast<const Fx*>(nullptr), 0) == 0, "empty stream");
+  });
+
+  run_case("count_not_finite: device equals host (fp32, fp64)", [&] {
+    check_count_not_finite<float>(ctx, rng, "fp32");
+    check_count_not_finite<double>(ctx, rng, "fp64");
+  });
+
+  run_case("combine flags: a NaN sets the flag on device as on host (vector and element paths)", [&] {
+    HostContext host;
+    const std::size_t n = 4101;  // at phase 1 and 4 floats a vector: 3 head elements, 1024 vectors, 2 tail elements
+    const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+    struct Path {
+      const char* name;
+      std::size_t off_y, off_f;  // x at offset 1; same phase: head + vector body + tail
+      bool scalar;
+    };
+    const Path paths[] = {{"vector path", 1, 1, false}, {"element path (phases differ)", 1, 2, false},
+                          {"scalar launcher", 1, 1, true}};
+    for (const Path& p : paths) {
+      auto launch = [&](const auto& fn) {
+        if (p.scalar) for_each_index_scalar(ctx, n, fn);
+        else for_each_index(ctx, n, fn);
+      };
+      // Positions: the head (before the vector boundary), the body, the tail, nowhere.
+      for (std::size_t at : {std::size_t{0}, std::size_t{2000}, n - 1, n}) {
+        const std::string where = std::string(p.name) + ", bad element " + (at < n ? std::to_string(at) : "none");
+        {  // ForwardCombine: NaN in f
+          auto x = make_operand<float>(ctx, rng, n, 1), y = make_operand<float>(ctx, rng, n, p.off_y);
+          auto f = make_operand<float>(ctx, rng, n, p.off_f);
+          if (at < n) {
+            f.host[at] = nan;
+            copy_to_device(ctx, f.ptr() + at, &nan, 1);
+          }
+          auto dflag = device_flag(ctx);
+          std::uint32_t hflag = 0;
+          launch(ForwardCombine<float, float, float>{x.ptr(), y.ptr(), f.ptr(), 0.5f, 0.5f, dflag.data()});
+          for_each_index(host, n, ForwardCombine<float, float, float>{x.host.data(), y.host.data(), f.host.data(), 0.5f,
+                                                                      0.5f, &hflag});
+          GPU_CHECK(read_flag(ctx, dflag) == hflag && hflag == (at < n ? 1u : 0u), "ForwardCombine, " + where);
+          result_of(ctx, x, n, "flagged forward x");
+        }
+        {  // ForwardCombine over fp64 streams with fp32 compute: Inf in y
+          auto x = make_operand<double>(ctx, rng, n, 1), y = make_operand<double>(ctx, rng, n, p.off_y);
+          auto f = make_operand<float>(ctx, rng, n, p.off_f);
+          if (at < n) {
+            const double dinf = std::numeric_limits<double>::infinity();
+            y.host[at] = dinf;
+            copy_to_device(ctx, y.ptr() + at, &dinf, 1);
+          }
+          auto dflag = device_flag(ctx);
+          std::uint32_t hflag = 0;
+          launch(ForwardCombine<double, float, double>{x.ptr(), y.ptr(), f.ptr(), 1.0, 0.1, dflag.data()});
+          for_each_index(host, n, ForwardCombine<double, float, double>{x.host.data(), y.host.data(), f.host.data(), 1.0,
+                                                                        0.1, &hflag});
+          GPU_CHECK(read_flag(ctx, dflag) == hflag && hflag == (at < n ? 1u : 0u), "ForwardCombine fp64/fp32, " + where);
+        }
+        for (int variant = 0; variant < 2; ++variant) {  // BackwardCombine: Inf in jt, with and without reconstruction
+          auto gx = make_operand<float>(ctx, rng, n, 1), gy = make_operand<float>(ctx, rng, n, 1);
+          auto jt = make_operand<float>(ctx, rng, n, p.off_f);
+          auto y = make_operand<float>(ctx, rng, n, p.off_y), x = make_operand<float>(ctx, rng, n, 1);
+          auto f = make_operand<float>(ctx, rng, n, p.off_f);
+          if (at < n) {
+            jt.host[at] = inf;
+            copy_to_device(ctx, jt.ptr() + at, &inf, 1);
+          }
+          auto dflag = device_flag(ctx);
+          std::uint32_t hflag = 0;
+          if (variant == 0) {
+            launch(BackwardCombine<float, float, float, true>{gx.ptr(), gy.ptr(), jt.ptr(), y.ptr(), x.ptr(), f.ptr(),
+                                                              0.5f, 0.5f, dflag.data()});
+            for_each_index(host, n, BackwardCombine<float, float, float, true>{gx.host.data(), gy.host.data(),
+                                                                               jt.host.data(), y.host.data(),
+                                                                               x.host.data(), f.host.data(), 0.5f,
+                                                                               0.5f, &hflag});
+          } else {
+            launch(BackwardCombine<float, float, float, false>{gx.ptr(), gy.ptr(), jt.ptr(), nullptr, nullptr, nullptr,
+                                                               0.5f, 0.5f, dflag.data()});
+            for_each_index(host, n, BackwardCombine<float, float, float, false>{gx.host.data(), gy.host.data(),
+                                                                                jt.host.data(), nullptr, nullptr,
+                                                                                nullptr, 0.5f, 0.5f, &hflag});
+          }
+          GPU_CHECK(read_flag(ctx, dflag) == hflag && hflag == (at < n ? 1u : 0u),
+                    std::string("BackwardCombine") + (variant == 0 ? " (reconstructing), " : ", ") + where);
+        }
+      }
+    }
+  });
+
+  run_case("stack passes (InitStreams, StackOutputPass, InitGradients, InputGradient, StridedGather): bit for bit, flags", [&] {
+    HostContext host;
+    const std::size_t n = 3001;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float too_big = 2.0f * static_cast<float>(std::ldexp(1.0, 62 - Fx::frac_bits));  // finite, out of range
+    for (int bad = 0; bad < 3; ++bad) {  // none, a NaN, a finite value outside the fixed-point range
+      const std::string where = bad == 0 ? "clean" : (bad == 1 ? "NaN" : "out of range");
+      auto h0 = random_values<float>(n, rng, -3.0, 3.0);
+      if (bad == 1) h0[1234] = nan;
+      if (bad == 2) h0[n - 1] = too_big;
+      auto dh0 = to_device(ctx, h0);
+      {  // fixed-point streams from h0
+        std::vector<Fx> hx(n), hy(n);
+        auto dx = ctx.allocate<Fx>(n + kGuard, MemoryCategory::Streams), dy = ctx.allocate<Fx>(n + kGuard, MemoryCategory::Streams);
+        auto dflag = device_flag(ctx);
+        std::uint32_t hflag = 0;
+        for_each_index(ctx, n, InitStreams<Fx, float>{dx.data(), dy.data(), dh0.data(), dflag.data()});
+        for_each_index(host, n, InitStreams<Fx, float>{hx.data(), hy.data(), h0.data(), &hflag});
+        GPU_CHECK(fixed_result(ctx, dx, n, "InitStreams x") == raws(hx) && fixed_result(ctx, dy, n, "InitStreams y") == raws(hy),
+                  "InitStreams<fixed>: raw streams differ from the host's, " + where);
+        GPU_CHECK(read_flag(ctx, dflag) == hflag && hflag == (bad != 0 ? 1u : 0u), "InitStreams<fixed> flag, " + where);
+        if (bad == 0) {
+          for (bool mean : {false, true}) {  // the output from fixed-point streams, dequantized
+            std::vector<float> hout(n);
+            auto dout = ctx.allocate<float>(n, MemoryCategory::Other);
+            auto of = device_flag(ctx);
+            std::uint32_t hof = 0;
+            for_each_index(ctx, n, StackOutputPass<Fx, float, float>{dout.data(), dx.data(), dy.data(), mean, of.data()});
+            for_each_index(host, n, StackOutputPass<Fx, float, float>{hout.data(), hx.data(), hy.data(), mean, &hof});
+            const auto got = to_host(ctx, dout.data(), n);
+            GPU_CHECK(std::memcmp(got.data(), hout.data(), n * sizeof(float)) == 0 && read_flag(ctx, of) == hof && hof == 0,
+                      std::string("StackOutputPass<fixed>") + (mean ? " (mean)" : ""));
+          }
+        }
+      }
+      {  // fp32 streams from h0 (the range does not apply: only the NaN is flagged)
+        std::vector<float> hx(n), hy(n);
+        auto dx = ctx.allocate<float>(n, MemoryCategory::Streams), dy = ctx.allocate<float>(n, MemoryCategory::Streams);
+        auto dflag = device_flag(ctx);
+        std::uint32_t hflag = 0;
+        for_each_index(ctx, n, InitStreams<float, float>{dx.data(), dy.data(), dh0.data(), dflag.data()});
+        for_each_index(host, n, InitStreams<float, float>{hx.data(), hy.data(), h0.data(), &hflag});
+        const auto gx = to_host(ctx, dx.data(), n), gy = to_host(ctx, dy.data(), n);
+        GPU_CHECK(std::memcmp(gx.data(), hx.data(), n * sizeof(float)) == 0 &&
+                      std::memcmp(gy.data(), hy.data(), n * sizeof(float)) == 0,
+                  "InitStreams<float>, " + where);
+        GPU_CHECK(read_flag(ctx, dflag) == hflag && hflag == (bad == 1 ? 1u : 0u), "InitStreams<float> flag, " + where);
+        for (bool mean : {false, true}) {  // the output, NaN flagged
+          std::vector<float> hout(n);
+          auto dout = ctx.allocate<float>(n, MemoryCategory::Other);
+          auto of = device_flag(ctx);
+          std::uint32_t hof = 0;
+          for_each_index(ctx, n, StackOutputPass<float, float, float>{dout.data(), dx.data(), dy.data(), mean, of.data()});
+          for_each_index(host, n, StackOutputPass<float, float, float>{hout.data(), hx.data(), hy.data(), mean, &hof});
+          const auto got = to_host(ctx, dout.data(), n);
+          bool same = true;
+          for (std::size_t i = 0; i < n; ++i) same = same && (got[i] == hout[i] || (std::isnan(got[i]) && std::isnan(hout[i])));
+          GPU_CHECK(same && read_flag(ctx, of) == hof && hof == (bad == 1 ? 1u : 0u),
+                    std::string("StackOutputPass<float>") + (mean ? " (mean), " : ", ") + where);
+        }
+      }
+      for (bool mean : {false, true}) {  // dout -> (gx, gy) -> dh0, with h0 standing in for dout
+        std::vector<float> hgx(n), hgy(n), hd(n);
+        auto dgx = ctx.allocate<float>(n, MemoryCategory::Other), dgy = ctx.allocate<float>(n, MemoryCategory::Other);
+        auto dd = ctx.allocate<float>(n, MemoryCategory::Other);
+        auto f1 = device_flag(ctx), f2 = device_flag(ctx);
+        std::uint32_t h1 = 0, h2 = 0;
+        for_each_index(ctx, n, InitGradients<float, float>{dgx.data(), dgy.data(), dh0.data(), mean, f1.data()});
+        for_each_index(host, n, InitGradients<float, float>{hgx.data(), hgy.data(), h0.data(), mean, &h1});
+        for_each_index(ctx, n, InputGradient<float, float>{dd.data(), dgx.data(), dgy.data(), f2.data()});
+        for_each_index(host, n, InputGradient<float, float>{hd.data(), hgx.data(), hgy.data(), &h2});
+        const auto a = to_host(ctx, dgx.data(), n), b = to_host(ctx, dgy.data(), n), c = to_host(ctx, dd.data(), n);
+        bool same = true;
+        for (std::size_t i = 0; i < n; ++i)
+          same = same && (std::isnan(hd[i]) ? std::isnan(c[i]) : c[i] == hd[i]) &&
+                 (std::isnan(hgy[i]) ? std::isnan(b[i]) : b[i] == hgy[i]) &&
+                 (std::isnan(hgx[i]) ? std::isnan(a[i]) : a[i] == hgx[i]);
+        GPU_CHECK(same, std::string("InitGradients/InputGradient") + (mean ? " (mean), " : ", ") + where);
+        GPU_CHECK(read_flag(ctx, f1) == h1 && h1 == (bad == 1 ? 1u : 0u), "InitGradients flag, " + where);
+        GPU_CHECK(read_flag(ctx, f2) == h2 && h2 == (bad == 1 ? 1u : 0u), "InputGradient flag, " + where);
+      }
+    }
+    {  // the monitor's strided sample
+      const auto src = random_values<float>(n, rng);
+      auto ds = to_device(ctx, src);
+      const std::size_t count = 97, stride = n / count;
+      std::vector<float> hs(count);
+      auto dd = ctx.allocate<float>(count, MemoryCategory::Other);
+      for_each_index(ctx, count, StridedGather<float>{dd.data(), ds.data(), stride});
+      for_each_index(host, count, StridedGather<float>{hs.data(), src.data(), stride});
+      GPU_CHECK(to_host(ctx, dd.data(), count) == hs, "StridedGather");
+    }
   });
 
   ctx.synchronize();

@@ -2,8 +2,15 @@
 // the same stack on the host: outputs, input gradients and parameter gradients, reversible
 // and standard modes; reversible vs standard on the device; the reconstruction monitor; and
 // activation memory that does not grow with depth, as the device meter measures it.
+// Exact mode (FixedFp32): reversible equals standard on the device bit for bit, the device
+// stack is the host stack within the fp32 function tolerance, the reconstruction is exact and
+// x_0 = y_0 = the quantized h0; non-finite or out-of-range inputs, a NaN dout and a NaN weight
+// are errors that name the tensor (and the module and parameter).
 
+#include <cmath>
 #include <cstdio>
+#include <initializer_list>
+#include <limits>
 #include <random>
 #include <string>
 #include <utility>
@@ -19,10 +26,13 @@ using namespace dr2net::testing;
 
 namespace {
 
-using HostBlock = ReversibleDualResidual<TanhLinear<float>, SineGate<float>, ConstantSchedule, Fp32>;
-template <class T>
-using DeviceBlock = ReversibleDualResidual<DeviceTanhLinear<T>, DeviceSineGate<T>, ConstantSchedule,
-                                           PrecisionPolicy<float, T, float>>;
+template <class P = Fp32>
+using HostBlockP = ReversibleDualResidual<TanhLinear<float>, SineGate<float>, ConstantSchedule, P>;
+using HostBlock = HostBlockP<Fp32>;
+using HostFixedBlock = HostBlockP<FixedFp32>;
+template <class T, class P = PrecisionPolicy<float, T, float>>
+using DeviceBlock = ReversibleDualResidual<DeviceTanhLinear<T>, DeviceSineGate<T>, ConstantSchedule, P>;
+using Fx = FixedPoint<32>;
 
 //! Everything one training step produces, on the host, as float.
 struct StepResult {
@@ -38,7 +48,8 @@ std::vector<float> as_float(const std::vector<T>& v) {
   return f;
 }
 
-StepResult host_step(ReversibleStack<HostBlock>& s, const Shape& shape, const std::vector<float>& h0,
+template <class Block>
+StepResult host_step(ReversibleStack<Block>& s, const Shape& shape, const std::vector<float>& h0,
                      const std::vector<float>& dout) {
   StepResult r;
   r.out.assign(h0.size(), 0.0f);
@@ -54,8 +65,8 @@ StepResult host_step(ReversibleStack<HostBlock>& s, const Shape& shape, const st
   return r;
 }
 
-template <class T>
-StepResult device_step(CudaContext& ctx, ReversibleStack<DeviceBlock<T>>& s, const Shape& shape,
+template <class Block>
+StepResult device_step(CudaContext& ctx, ReversibleStack<Block>& s, const Shape& shape,
                        const std::vector<float>& h0, const std::vector<float>& dout) {
   const std::size_t n = h0.size();
   auto dh = to_device(ctx, h0, MemoryCategory::Other);
@@ -75,20 +86,21 @@ StepResult device_step(CudaContext& ctx, ReversibleStack<DeviceBlock<T>>& s, con
   return r;
 }
 
-std::vector<HostBlock> host_layers(int L, std::int64_t d, std::mt19937_64& rng) {
-  std::vector<HostBlock> layers;
+template <class P = Fp32>
+std::vector<HostBlockP<P>> host_layers(int L, std::int64_t d, std::mt19937_64& rng) {
+  std::vector<HostBlockP<P>> layers;
   for (int l = 0; l < L; ++l) layers.emplace_back(TanhLinear<float>(d, rng), SineGate<float>(d, rng));
   return layers;
 }
 
-//! A device stack whose parameters are the host stack's, converted to T.
-template <class T>
-ReversibleStack<DeviceBlock<T>> device_twin(CudaContext& ctx, ReversibleStack<HostBlock>& host, std::int64_t d,
-                                            std::pair<double, double> ab, BackpropMode mode) {
-  std::vector<DeviceBlock<T>> layers;
+//! A device stack under policy P whose parameters are the host stack's, converted to T.
+template <class T, class P = PrecisionPolicy<float, T, float>, class HostB>
+ReversibleStack<DeviceBlock<T, P>> device_twin(CudaContext& ctx, ReversibleStack<HostB>& host, std::int64_t d,
+                                               std::pair<double, double> ab, BackpropMode mode) {
+  std::vector<DeviceBlock<T, P>> layers;
   for (int l = 0; l < host.num_layers(); ++l)
     layers.emplace_back(DeviceTanhLinear<T>(ctx, d), DeviceSineGate<T>(ctx, d));
-  ReversibleStack<DeviceBlock<T>> dev(ctx, std::move(layers), ConstantSchedule(ab.first, ab.second), {.mode = mode});
+  ReversibleStack<DeviceBlock<T, P>> dev(ctx, std::move(layers), ConstantSchedule(ab.first, ab.second), {.mode = mode});
   const auto hp = host.parameters();
   std::size_t i = 0;
   dev.for_each_parameter([&](std::string_view name, TensorView<T> v, TensorView<T>) {
@@ -101,17 +113,47 @@ ReversibleStack<DeviceBlock<T>> device_twin(CudaContext& ctx, ReversibleStack<Ho
   return dev;
 }
 
-void compare(const StepResult& got, const StepResult& want, const PrecisionTolerances& tol, const std::string& what) {
-  GPU_CHECK_CLOSE(got.out, want.out, tol.gradient);
-  GPU_CHECK_CLOSE(got.dh0, want.dh0, tol.gradient);
+void compare(const StepResult& got, const StepResult& want, Tolerance tol, const std::string& what) {
+  GPU_CHECK_CLOSE(got.out, want.out, tol);
+  GPU_CHECK_CLOSE(got.dh0, want.dh0, tol);
   GPU_CHECK(got.names == want.names, what + ": parameter names differ");
   for (std::size_t p = 0; p < got.grads.size() && p < want.grads.size(); ++p) {
     // Parameter gradients sum over rows: scale the tolerance by the largest gradient.
     double m = 0;
     for (float v : want.grads[p]) m = std::max(m, static_cast<double>(std::abs(v)));
     std::vector<double> scale(want.grads[p].size(), m);
-    GPU_CHECK_CLOSE(got.grads[p], want.grads[p], tol.gradient, &scale);
+    GPU_CHECK_CLOSE(got.grads[p], want.grads[p], tol, &scale);
   }
+}
+
+//! Whether two step results are equal bit for bit (no NaN expected).
+bool identical(const StepResult& a, const StepResult& b) {
+  return a.out == b.out && a.dh0 == b.dh0 && a.grads == b.grads && a.names == b.names;
+}
+
+//! Runs body, which must throw dr2net::Error with every one of `words` in its message.
+template <class Body>
+void expect_error(const std::string& what, std::initializer_list<const char*> words, Body&& body) {
+  try {
+    body();
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    for (const char* w : words) GPU_CHECK(m.find(w) != std::string::npos, what + ": \"" + w + "\" missing from: " + m);
+    return;
+  }
+  GPU_CHECK(false, what + ": no error was raised");
+}
+
+//! Sets one element of the device parameter `name` to `value`.
+template <class Stack>
+void poison_parameter(CudaContext& ctx, Stack& s, std::string_view name, std::size_t at, float value) {
+  bool found = false;
+  s.for_each_parameter([&](std::string_view pname, TensorView<float> v, TensorView<float>) {
+    if (pname != name) return;
+    copy_to_device(ctx, v.data() + at, &value, 1);
+    found = true;
+  });
+  GPU_CHECK(found, "no parameter " + std::string(name));
 }
 
 }  // namespace
@@ -135,7 +177,7 @@ int main() {
       const auto h0 = random_vector<float>(n, rng), dout = random_vector<float>(n, rng);
       const auto want = host_step(host, shape, h0, dout);
       const auto got = device_step(ctx, dev, shape, h0, dout);
-      compare(got, want, tolerances_for<float>(), "fp32");
+      compare(got, want, tolerances_for<float>().gradient, "fp32");
       if (mode == BackpropMode::Reversible) {
         GPU_CHECK(dev.reconstruction().input_compared, "the monitor must compare x_0, y_0 with h0");
         GPU_CHECK(dev.reconstruction().relative_error < 1e-5, "reconstruction error " +
@@ -149,8 +191,8 @@ int main() {
     ReversibleStack<HostBlock> host(hctx, host_layers(2, d, rng), ConstantSchedule(0.0, 1.0));
     auto dev = device_twin<__nv_bfloat16>(ctx, host, d, {0.0, 1.0}, BackpropMode::Reversible);
     const auto h0 = random_vector<float>(n, rng), dout = random_vector<float>(n, rng);
-    compare(device_step(ctx, dev, shape, h0, dout), host_step(host, shape, h0, dout), tolerances_for<__nv_bfloat16>(),
-            "bf16");
+    compare(device_step(ctx, dev, shape, h0, dout), host_step(host, shape, h0, dout),
+            tolerances_for<__nv_bfloat16>().gradient, "bf16");
   });
 
   run_case("reversible vs standard on device", [&] {
@@ -162,7 +204,7 @@ int main() {
     const auto a = device_step(ctx, rev, shape, h0, dout);
     const auto b = device_step(ctx, std_, shape, h0, dout);
     GPU_CHECK(a.out == b.out, "all modes share the forward arithmetic: outputs must be bitwise equal");
-    compare(a, b, tolerances_for<float>(), "reversible vs standard");
+    compare(a, b, tolerances_for<float>().gradient, "reversible vs standard");
   });
 
   run_case("device activation memory is constant in depth (reversible)", [&] {
@@ -180,6 +222,81 @@ int main() {
     }
     GPU_CHECK(peaks[0] == peaks[1], "peak activation bytes: " + std::to_string(peaks[0]) + " (2 layers) vs " +
                                         std::to_string(peaks[1]) + " (8 layers)");
+  });
+
+  run_case("exact mode (FixedFp32) on device: reversible == standard bit for bit, host within fp32 function tolerance", [&] {
+    // A fixed seed: device and host functions differ in rounding only, and the function
+    // tolerance is tight for whole-stack gradients (on the host, FixedFp32 against FixedFp64
+    // stays below 5% of it at these points).
+    const std::uint64_t fixed_seed = 0x5eed0f1dull;
+    std::mt19937_64 frng(fixed_seed);
+    const std::vector<std::pair<double, double>> points{{1.0, 0.1}, {1.0, 0.01}, {0.9, 0.3}, {0.5, 0.5}, {0.0, 1.0}};
+    for (const auto& ab : points) {
+      const std::string at = "(alpha, beta) = (" + std::to_string(ab.first) + ", " + std::to_string(ab.second) + ")";
+      HostContext hctx;
+      ReversibleStack<HostFixedBlock> host(hctx, host_layers<FixedFp32>(3, d, frng), ConstantSchedule(ab.first, ab.second),
+                                           {.mode = BackpropMode::Reversible});
+      auto rev = device_twin<float, FixedFp32>(ctx, host, d, ab, BackpropMode::Reversible);
+      auto std_ = device_twin<float, FixedFp32>(ctx, host, d, ab, BackpropMode::Standard);
+      const auto h0 = random_vector<float>(n, frng), dout = random_vector<float>(n, frng);
+      const auto want = host_step(host, shape, h0, dout);
+      const auto a = device_step(ctx, rev, shape, h0, dout);
+      const auto b = device_step(ctx, std_, shape, h0, dout);
+      GPU_CHECK(identical(a, b), "device reversible and standard differ " + at);
+      compare(a, want, tolerances_for<float>().function, "device vs host FixedFp32 " + at);
+      const ReconstructionReport& r = rev.reconstruction();
+      GPU_CHECK(r.exact && r.measured && r.relative_error == 0.0 && r.max_abs_error == 0.0,
+                "the device stack's reconstruction report: " + r.describe() + " " + at);
+      GPU_CHECK(r.compared_elements == n, at);
+      GPU_CHECK(rev.side_bit_width(3, 0) == fixed::side_bit_width(fixed::quantize_coefficient(ab.second).p), at);
+      // x_0 and y_0 on the device are the quantized h0, bit for bit.
+      const auto x0 = to_host(ctx, rev.reconstructed_x().data(), n), y0 = to_host(ctx, rev.reconstructed_y().data(), n);
+      bool inputs = true;
+      for (std::size_t i = 0; i < n; ++i) {
+        bool bad = false;
+        const std::int64_t q = fixed::quantize(static_cast<double>(h0[i]), Fx::scale, bad);
+        inputs = inputs && !bad && x0[i].raw == q && y0[i].raw == q;
+      }
+      GPU_CHECK(inputs, "reconstructed x_0, y_0 are not the quantized h0 " + at);
+      // A second step on the same stacks gives the same bits (nothing left over from the first).
+      const auto a2 = device_step(ctx, rev, shape, h0, dout);
+      GPU_CHECK(identical(a, a2), "a second identical device step differs " + at);
+    }
+  });
+
+  run_case("exact mode on device: non-finite inputs, dout and weights are errors naming them", [&] {
+    HostContext hctx;
+    ReversibleStack<HostFixedBlock> host(hctx, host_layers<FixedFp32>(2, d, rng), ConstantSchedule(0.9, 0.3));
+    ReversibleStack<HostBlock> host32(hctx, host_layers(2, d, rng), ConstantSchedule(0.9, 0.3));
+    const auto h0 = random_vector<float>(n, rng), dout = random_vector<float>(n, rng);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    auto bad_at = [&](std::size_t i, float v) {
+      auto h = h0;
+      h[i] = v;
+      return h;
+    };
+    {
+      auto dev = device_twin<float, FixedFp32>(ctx, host, d, {0.9, 0.3}, BackpropMode::Reversible);
+      expect_error("NaN in h0 (fixed)", {"h0"}, [&] { device_step(ctx, dev, shape, bad_at(17, nan), dout); });
+      expect_error("h0 out of the fixed-point range", {"h0", "fixed-point range"},
+                   [&] { device_step(ctx, dev, shape, bad_at(n - 1, 3.0e9f), dout); });
+      auto dd = dout;
+      dd[5] = std::numeric_limits<float>::infinity();
+      expect_error("Inf in dout (fixed)", {"dout"}, [&] { device_step(ctx, dev, shape, h0, dd); });
+      // After the errors the stack still trains.
+      const auto ok = device_step(ctx, dev, shape, h0, dout);
+      GPU_CHECK(dev.reconstruction().exact && dev.reconstruction().relative_error == 0.0, "after errors");
+      compare(ok, host_step(host, shape, h0, dout), tolerances_for<float>().function, "after errors");
+      poison_parameter(ctx, dev, "blocks.0.f.weight", 7, nan);
+      expect_error("NaN weight (fixed)", {"module 0", "blocks.0.f.weight"}, [&] { device_step(ctx, dev, shape, h0, dout); });
+    }
+    {  // fp32 streams: the vectorised ForwardCombine flags a NaN in F's output
+      auto dev = device_twin<float>(ctx, host32, d, {0.9, 0.3}, BackpropMode::Reversible);
+      expect_error("NaN in h0 (fp32)", {"h0"}, [&] { device_step(ctx, dev, shape, bad_at(0, nan), dout); });
+      poison_parameter(ctx, dev, "blocks.1.gate.amplitude", 3, nan);
+      expect_error("NaN weight (fp32)", {"module 3", "blocks.1.gate.amplitude", "non-finite output"},
+                   [&] { device_step(ctx, dev, shape, h0, dout); });
+    }
   });
 
   ctx.synchronize();

@@ -3,7 +3,9 @@
 // gradients, parameter gradients; fp32 tight, bf16/fp16 loose, from the tolerance table),
 // adding into a destination (the last GEMM's C), drop masks bit for bit, a whole device ViT
 // stack against the host stack, reversible vs standard on the device, and peak activation
-// bytes that do not grow with depth.
+// bytes that do not grow with depth. Exact mode: a device ViT stack with fixed-point streams
+// (FixedFp32, drop-path and dropout on) gives reversible gradients equal to standard ones bit
+// for bit, reconstructs h0 exactly, and matches the host FixedFp32 stack.
 // Outputs and saved internals are poisoned (NaN) before every launch; token counts are odd
 // and there are several heads.
 
@@ -201,6 +203,8 @@ void function_cases(CudaContext& ctx, std::mt19937_64& rng, const char* type) {
 
 using HostLayer = VitLayer<float, ConstantSchedule>;
 using DevLayer = CudaVitLayer<float, ConstantSchedule>;
+using HostFixedLayer = VitLayer<float, ConstantSchedule, FixedFp32>;
+using DevFixedLayer = CudaVitLayer<float, ConstantSchedule, FixedFp32>;
 
 struct StepResult {
   std::vector<float> out, dh0;
@@ -208,7 +212,8 @@ struct StepResult {
   std::vector<std::string> names;
 };
 
-StepResult host_step(ReversibleStack<HostLayer>& s, const Shape& shape, const std::vector<float>& h0,
+template <class Layer>
+StepResult host_step(ReversibleStack<Layer>& s, const Shape& shape, const std::vector<float>& h0,
                      const std::vector<float>& dout) {
   StepResult r;
   r.out.assign(h0.size(), 0.0f);
@@ -223,7 +228,8 @@ StepResult host_step(ReversibleStack<HostLayer>& s, const Shape& shape, const st
   return r;
 }
 
-StepResult device_step(CudaContext& ctx, ReversibleStack<DevLayer>& s, const Shape& shape, const std::vector<float>& h0,
+template <class Layer>
+StepResult device_step(CudaContext& ctx, ReversibleStack<Layer>& s, const Shape& shape, const std::vector<float>& h0,
                        const std::vector<float>& dout) {
   const std::size_t n = h0.size();
   auto dh = to_device(ctx, h0), dd = to_device(ctx, dout);
@@ -305,6 +311,35 @@ int main() {
     const auto a = device_step(ctx, rev, shape, h0, dout), b = device_step(ctx, std_, shape, h0, dout);
     GPU_CHECK(a.out == b.out, "all modes share the forward arithmetic: outputs must be bitwise equal");
     compare_steps(a, b, tolerances_for<float>().gradient);
+  });
+
+  run_case("ViT stack, exact mode (FixedFp32) on device: reversible == standard bit for bit, vs host", [&] {
+    for (const auto& ab : {std::pair<double, double>{1.0, 0.1}, std::pair<double, double>{0.5, 0.5}}) {
+      const std::string at = "(alpha, beta) = (" + std::to_string(ab.first) + ", " + std::to_string(ab.second) + ")";
+      const ConstantSchedule sched(ab.first, ab.second);
+      ReversibleStack<DevFixedLayer> rev(ctx, make_cuda_vit_layers<float, ConstantSchedule, FixedFp32>(ctx, 3, cfg, 11),
+                                         sched, {.mode = BackpropMode::Reversible, .seed = 77});
+      ReversibleStack<DevFixedLayer> std_(ctx, make_cuda_vit_layers<float, ConstantSchedule, FixedFp32>(ctx, 3, cfg, 11),
+                                          sched, {.mode = BackpropMode::Standard, .seed = 77});
+      HostContext hctx;
+      ReversibleStack<HostFixedLayer> host(hctx, make_vit_layers<float, ConstantSchedule, FixedFp32>(3, cfg, 11), sched,
+                                           {.mode = BackpropMode::Reversible, .seed = 77});
+      const auto h0 = random_values<float>(n, rng), dout = random_values<float>(n, rng);
+      const auto a = device_step(ctx, rev, shape, h0, dout), b = device_step(ctx, std_, shape, h0, dout);
+      GPU_CHECK(a.out == b.out && a.dh0 == b.dh0 && a.grads == b.grads,
+                "device reversible and standard differ (a device function is not deterministic?) " + at);
+      GPU_CHECK(rev.reconstruction().exact && rev.reconstruction().measured && rev.reconstruction().relative_error == 0.0,
+                "reconstruction: " + rev.reconstruction().describe() + " " + at);
+      const auto x0 = to_host(ctx, rev.reconstructed_x().data(), n), y0 = to_host(ctx, rev.reconstructed_y().data(), n);
+      bool inputs = true;
+      for (std::size_t i = 0; i < n; ++i) {
+        bool bad = false;
+        const std::int64_t q = fixed::quantize(static_cast<double>(h0[i]), FixedPoint<32>::scale, bad);
+        inputs = inputs && x0[i].raw == q && y0[i].raw == q;
+      }
+      GPU_CHECK(inputs, "reconstructed x_0, y_0 are not the quantized h0 " + at);
+      compare_steps(a, host_step(host, shape, h0, dout), tolerances_for<float>().gradient);
+    }
   });
 
   run_case("ViT stack: peak activation bytes equal for 12 and 24 layers (reversible)", [&] {

@@ -1,11 +1,13 @@
 #pragma once
 //! \file
-//! max_abs_diff_and_max(CudaContext&, a, b, n): the reconstruction monitor's comparison,
-//! (max_i |a_i - b_i|, max_i |b_i|) in double, NaN reported rather than hidden by max.
-//! Host twin: backend/host/context.hpp.
+//! The device reductions, host twins in backend/host/context.hpp:
+//! max_abs_diff_and_max(CudaContext&, a, b, n), the reconstruction monitor's comparison
+//! ((max_i |a_i - b_i|, max_i |b_i|) in double, NaN reported rather than hidden by max);
+//! count_not_finite(CudaContext&, p, n); stream_checksum(CudaContext&, fixed-point p, n), the
+//! exact mode's per-module checksum (a sum modulo 2^64, so bit-identical to the host's).
 //!
 //! Layers: device-wide function -> two kernels (per-block partials, then one block over the
-//! partials) -> cub::BlockReduce with a NaN-propagating max.
+//! partials) -> cub::BlockReduce (a NaN-propagating max, or a wrapping 64-bit sum).
 
 #include <cub/block/block_reduce.cuh>
 #include <cuda_runtime.h>
@@ -37,10 +39,11 @@ __device__ __forceinline__ double nan_max(double a, double b) {
   return a > b ? a : b;
 }
 
-//! A stream element in double (bf16/fp16 widen through float).
+//! A stream element in double (bf16/fp16 widen through float; fixed point converts directly,
+//! as the host twin does).
 template <class T>
 __device__ __forceinline__ double as_double(T v) {
-  if constexpr (std::is_floating_point_v<T>) return static_cast<double>(v);
+  if constexpr (std::is_floating_point_v<T> || is_fixed_point_v<T>) return static_cast<double>(v);
   else return static_cast<double>(static_cast<float>(v));
 }
 
@@ -69,12 +72,15 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = r;
 }
 
-//! partials[0] <- reduction of partials[0, count), one block.
-__global__ void __launch_bounds__(kReduceThreads) diff_and_max_final(DiffAndMax* partials, int count) {
-  using BlockReduce = cub::BlockReduce<DiffAndMax, kReduceThreads>;
+//! partials[0] <- reduction of partials[0, count), one block of Threads threads. (A template,
+//! as every kernel in this header: a plain __global__ function defined in a header would be
+//! defined twice in a program with two CUDA translation units including it.)
+template <int Threads>
+__global__ void __launch_bounds__(Threads) diff_and_max_final(DiffAndMax* partials, int count) {
+  using BlockReduce = cub::BlockReduce<DiffAndMax, Threads>;
   __shared__ typename BlockReduce::TempStorage temp;
   DiffAndMax acc{0.0, 0.0};
-  for (int i = static_cast<int>(threadIdx.x); i < count; i += kReduceThreads) acc = DiffAndMaxOp{}(acc, partials[i]);
+  for (int i = static_cast<int>(threadIdx.x); i < count; i += Threads) acc = DiffAndMaxOp{}(acc, partials[i]);
   const DiffAndMax r = BlockReduce(temp).Reduce(acc, DiffAndMaxOp{});
   if (threadIdx.x == 0) partials[0] = r;
 }
@@ -93,12 +99,13 @@ __global__ void __launch_bounds__(kReduceThreads) sum_u64_partials(Term term, st
   if (threadIdx.x == 0) partials[blockIdx.x] = r;
 }
 
-//! partials[0] <- sum of partials[0, count) modulo 2^64, one block.
-__global__ void __launch_bounds__(kReduceThreads) sum_u64_final(unsigned long long* partials, int count) {
-  using BlockReduce = cub::BlockReduce<unsigned long long, kReduceThreads>;
+//! partials[0] <- sum of partials[0, count) modulo 2^64, one block of Threads threads.
+template <int Threads>
+__global__ void __launch_bounds__(Threads) sum_u64_final(unsigned long long* partials, int count) {
+  using BlockReduce = cub::BlockReduce<unsigned long long, Threads>;
   __shared__ typename BlockReduce::TempStorage temp;
   unsigned long long acc = 0;
-  for (int i = static_cast<int>(threadIdx.x); i < count; i += kReduceThreads) acc += partials[i];
+  for (int i = static_cast<int>(threadIdx.x); i < count; i += Threads) acc += partials[i];
   const unsigned long long r = BlockReduce(temp).Sum(acc);
   if (threadIdx.x == 0) partials[0] = r;
 }
@@ -131,7 +138,7 @@ std::uint64_t sum_u64(CudaContext& ctx, Term term, std::size_t n) {
   auto partials = ctx.allocate<unsigned long long>(static_cast<std::size_t>(blocks), MemoryCategory::Other);
   sum_u64_partials<Term><<<blocks, kReduceThreads, 0, ctx.stream()>>>(term, n, partials.data());
   DR2NET_CUDA_CHECK_LAUNCH("dr2net sum_u64_partials");
-  sum_u64_final<<<1, kReduceThreads, 0, ctx.stream()>>>(partials.data(), blocks);
+  sum_u64_final<kReduceThreads><<<1, kReduceThreads, 0, ctx.stream()>>>(partials.data(), blocks);
   DR2NET_CUDA_CHECK_LAUNCH("dr2net sum_u64_final");
   unsigned long long r = 0;
   DR2NET_CUDA_CHECK(cudaMemcpyAsync(&r, partials.data(), sizeof r, cudaMemcpyDeviceToHost, ctx.stream()));
@@ -165,7 +172,7 @@ std::pair<double, double> max_abs_diff_and_max(CudaContext& ctx, const T* a, con
   cuda_detail::diff_and_max_partials<T>
       <<<blocks, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(a, b, n, partials.data());
   DR2NET_CUDA_CHECK_LAUNCH("dr2net diff_and_max_partials");
-  cuda_detail::diff_and_max_final<<<1, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(partials.data(), blocks);
+  cuda_detail::diff_and_max_final<cuda_detail::kReduceThreads><<<1, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(partials.data(), blocks);
   DR2NET_CUDA_CHECK_LAUNCH("dr2net diff_and_max_final");
   DiffAndMax r{};
   DR2NET_CUDA_CHECK(cudaMemcpyAsync(&r, partials.data(), sizeof r, cudaMemcpyDeviceToHost, ctx.stream()));
