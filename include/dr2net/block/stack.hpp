@@ -376,13 +376,13 @@ class ReversibleStack {
     for (int m = 0; m < num_modules(); ++m) {
       if (!module_flag(f, m, ModuleFlag::Forward)) continue;
       const std::string params = bad_parameters(m, false);
+      if (!params.empty())
+        DR2NET_FAIL(module_name(m), " produced a non-finite output", at, "; non-finite parameters: ", params);
       if constexpr (exact)
-        DR2NET_FAIL("fixed-point overflow: ", module_name(m), " produced a non-finite value or a stream value "
-                    "outside the fixed-point range (|h| < 2^", 62 - S::frac_bits, ")", at,
-                    params.empty() ? std::string() : "; non-finite parameters: " + params);
+        DR2NET_FAIL("fixed-point overflow: ", module_name(m), " produced a value outside the fixed-point range "
+                    "(|h| < 2^", 62 - S::frac_bits, ") or a non-finite one", at);
       else
-        DR2NET_FAIL(module_name(m), " produced a non-finite output", at,
-                    params.empty() ? std::string() : "; non-finite parameters: " + params);
+        DR2NET_FAIL(module_name(m), " produced a non-finite output", at, " (its parameters are finite)");
     }
     if (stack_flag(f, kFlagOutput)) {
       const std::string params = bad_parameters(-1, false);
