@@ -1,20 +1,33 @@
 // dr2net-fidelity: the gradient-error landscape of a Dr²Net stack over an (alpha, beta) grid.
 //
 // For each grid point it runs one training step in standard mode (the reference, same
-// precision) and one in each requested mode, and reports the relative L2 error of every
-// parameter gradient and of the input gradient, the reconstruction error, the snapshots
-// stored and the peak activation bytes. Output: a table, optionally JSON (--json) and a
-// heatmap of the worst parameter-gradient error (--png).
+// precision policy) and one in each requested mode, and reports the relative L2 error of
+// every parameter gradient and of the input gradient against that reference, whether they
+// are equal to it bit for bit (and the largest absolute difference), the same errors against
+// the gradients of an fp64 standard-mode step of the same model and data (what makes fp32
+// and the exact fixed-point policies comparable), the reconstruction error the stack's
+// monitor measured, whether the stack's default reconstruction guard would have tripped, the
+// snapshots stored and the peak activation and side-bit bytes. Output: a table, optionally
+// JSON (--json; never NaN: what was not measured is null) and a heatmap of the worst
+// parameter-gradient error (--png).
+//
+// With --precision fixed-fp32 or fixed-fp64 (FixedFp32, FixedFp64: int64 fixed-point
+// streams) reversible mode is exact: its gradients must equal standard mode's under the same
+// policy bit for bit (`bit_identical`).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <optional>
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -31,9 +44,21 @@ constexpr const char* kUsage =
     "usage: dr2net-fidelity [--weights W.safetensors [--num-heads H]]\n"
     "                       [--layers L --dim D --heads H --mlp M]   (random pretrained-like weights)\n"
     "                       [--tokens N --batch B --seed S]\n"
-    "                       [--precision fp32|fp64|fp64-streams] [--mode reversible,error-bounded]\n"
+    "                       [--precision fp32|fp64|fp64-streams|fixed-fp32|fixed-fp64]\n"
+    "                       [--mode reversible,error-bounded,standard]\n"
     "                       [--tolerance T] [--budget F] [--alphas a,b,..] [--betas a,b,..] [--path K]\n"
-    "                       [--warmup W] [--json FILE] [--png FILE]";
+    "                       [--warmup W] [--json FILE] [--png FILE]\n"
+    "  --precision   fixed-fp32, fixed-fp64: fixed-point streams, reversible mode exact (default fp32)\n"
+    "  --mode        modes compared with standard mode (default reversible,error-bounded); standard:\n"
+    "                a record for the reference itself (its error against fp64)\n"
+    "  --tolerance   error-bounded mode's stream tolerance: the bound on the relative reconstruction\n"
+    "                error of the streams (not of the gradients; default 1e-5)\n"
+    "  --budget      error-bounded mode's planning margin: the fraction of the tolerance that\n"
+    "                snapshot placement plans for (default 0.3; also --planning-margin)\n"
+    "  --path K      the paper's path from (1, 0.1) to (0, 1) in K points instead of the grid\n"
+    "  --warmup W    error-bounded steps before the measured one, so the controller has measured\n"
+    "Every stack uses the reconstruction guard in warn mode (silenced); each record says whether\n"
+    "the default guard (throw above a relative reconstruction error of 1e-4) would have tripped.";
 
 struct Options {
   std::string weights;
@@ -43,7 +68,7 @@ struct Options {
   std::uint64_t seed = 1;
   std::string precision = "fp32";
   std::vector<std::string> modes{"reversible", "error-bounded"};
-  double tolerance = 1e-5;
+  double tolerance = dr2net::ErrorBoundOptions{}.stream_tolerance;
   double budget = dr2net::ErrorBoundOptions{}.planning_margin;
   std::vector<double> alphas{1.0, 0.75, 0.5, 0.25, 0.0};
   std::vector<double> betas{0.1, 0.25, 0.5, 0.75, 1.0};
@@ -79,6 +104,8 @@ std::vector<double> numbers(const std::string& flag, const std::string& s) {
   return v;
 }
 
+bool fixed_precision(const std::string& p) { return p == "fixed-fp32" || p == "fixed-fp64"; }
+
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
@@ -102,7 +129,7 @@ Options parse(int argc, char** argv) {
     else if (f == "--precision") o.precision = v;
     else if (f == "--mode") o.modes = split(v);
     else if (f == "--tolerance") o.tolerance = number(f, v);
-    else if (f == "--budget") o.budget = number(f, v);
+    else if (f == "--budget" || f == "--planning-margin") o.budget = number(f, v);
     else if (f == "--alphas") o.alphas = numbers(f, v);
     else if (f == "--betas") o.betas = numbers(f, v);
     else if (f == "--path") o.path = static_cast<int>(positive(f, v));
@@ -110,26 +137,44 @@ Options parse(int argc, char** argv) {
     else if (f == "--png") o.png = v;
     else throw UsageError("unknown argument '" + f + "'");
   }
-  if (o.precision != "fp32" && o.precision != "fp64" && o.precision != "fp64-streams")
-    throw UsageError("--precision must be fp32, fp64 or fp64-streams, got '" + o.precision + "'");
+  if (o.precision != "fp32" && o.precision != "fp64" && o.precision != "fp64-streams" && !fixed_precision(o.precision))
+    throw UsageError("--precision must be fp32, fp64, fp64-streams, fixed-fp32 or fixed-fp64, got '" + o.precision + "'");
+  if (o.modes.empty()) throw UsageError("--mode needs at least one mode");
   for (const auto& m : o.modes)
-    if (m != "reversible" && m != "error-bounded") throw UsageError("--mode takes reversible and/or error-bounded, got '" + m + "'");
-  if (!(o.tolerance > 0)) throw UsageError("--tolerance must be positive");
+    if (m != "reversible" && m != "error-bounded" && m != "standard")
+      throw UsageError("--mode takes reversible, error-bounded and/or standard, got '" + m + "'");
+  if (!(o.tolerance > 0)) throw UsageError("--tolerance (error-bounded mode's stream tolerance) must be positive");
+  if (!(o.budget > 0 && o.budget <= 1)) throw UsageError("--budget (the planning margin) must be in (0, 1]");
   if (o.warmup < 0) throw UsageError("--warmup must be >= 0");
   if (o.path == 1) throw UsageError("--path needs at least 2 points");
   return o;
 }
 
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
 struct Record {
-  double alpha, beta;
+  double alpha = kNaN, beta = kNaN;            // the requested point
+  double grid_alpha = kNaN, grid_beta = kNaN;  // the coefficients the arithmetic used (fixed point: 2^-24 grid)
   std::string mode;
-  double max_param_grad_rel_err, input_grad_rel_err, reconstruction_max_abs_err, reconstruction_rel_err;
-  int snapshots;
-  std::size_t peak_activation_bytes, standard_peak_activation_bytes;
+  bool exact = false;  // fixed-point streams in reversible or error-bounded mode
+  bool ran = false;    // the step ran to the end (not skipped, did not throw)
+  std::string error;   // the step threw (non-finite values): every measurement below is absent
+  // Against standard mode under the same precision policy.
+  double max_param_grad_rel_err = kNaN, input_grad_rel_err = kNaN, max_abs_grad_diff = kNaN;
+  std::optional<bool> bit_identical;
+  // Against standard mode in fp64 (Fp64) with the same parameters and data.
+  double max_param_grad_rel_err_vs_fp64 = kNaN, input_grad_rel_err_vs_fp64 = kNaN;
+  // The stack's reconstruction monitor.
+  double reconstruction_max_abs_err = kNaN, reconstruction_rel_err = kNaN, worst_reconstruction_rel_err = kNaN;
+  bool reconstruction_measured = false;
+  std::optional<bool> guard_tripped;
+  int snapshots = 0;
+  std::size_t peak_activation_bytes = 0, standard_peak_activation_bytes = 0, side_bits_bytes = 0;
 };
 
-template <class T>
-double rel_l2(const T* a, const T* b, std::size_t n) {
+//! Relative L2 error of a against b (0 when equal, infinite when b = 0 and a differs).
+template <class A, class B>
+double rel_l2(const A* a, const B* b, std::size_t n) {
   double num = 0, den = 0;
   for (std::size_t i = 0; i < n; ++i) {
     const double d = double(a[i]) - double(b[i]);
@@ -138,6 +183,44 @@ double rel_l2(const T* a, const T* b, std::size_t n) {
   }
   if (num == 0) return 0;
   return den > 0 ? std::sqrt(num / den) : std::numeric_limits<double>::infinity();
+}
+
+//! Whether a equals b element for element, and the largest |a - b| (infinite when not finite).
+struct Difference {
+  bool identical = true;
+  double max_abs = 0;
+  template <class T>
+  void add(const T* a, const T* b, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!(a[i] == b[i])) identical = false;
+      const double d = std::abs(double(a[i]) - double(b[i]));
+      max_abs = std::isfinite(d) ? std::max(max_abs, d) : std::numeric_limits<double>::infinity();
+    }
+  }
+};
+
+//! Gradients of one step: every parameter's, in the stack's order, and the input's.
+template <class T, class V>
+struct Gradients {
+  std::vector<std::vector<T>> params;
+  std::vector<V> input;
+};
+
+template <class Stack, class V>
+Gradients<typename Stack::compute_type, V> gradients_of(Stack& stack, const std::vector<V>& dh0) {
+  Gradients<typename Stack::compute_type, V> g;
+  for (auto& p : stack.parameters()) g.params.emplace_back(p.grad.data(), p.grad.data() + p.grad.size());
+  g.input = dh0;
+  return g;
+}
+
+//! (worst parameter-gradient error, input-gradient error) of `got` against `ref`.
+template <class T, class V, class U, class W>
+std::pair<double, double> errors(const Gradients<T, V>& got, const Gradients<U, W>& ref) {
+  double worst = 0;
+  for (std::size_t k = 0; k < got.params.size(); ++k)
+    worst = std::max(worst, rel_l2(got.params[k].data(), ref.params[k].data(), got.params[k].size()));
+  return {worst, rel_l2(got.input.data(), ref.input.data(), got.input.size())};
 }
 
 //! Pretrained-like random weights: linear weights N(0, 1/fan_in), LayerNorm weights near 1,
@@ -165,8 +248,11 @@ template <class P>
 std::vector<Record> run(const Options& o, std::vector<std::pair<double, double>> points) {
   using namespace dr2net;
   using T = typename P::compute_type;
-  using S = typename P::stream_type;
+  using V = policy_value_t<P>;  // h0, out, dout, dh0 (the compute type for fixed-point streams)
   using Layer = VitLayer<T, ConstantSchedule, P>;
+  using Stack = ReversibleStack<Layer>;
+  using Ref = ReversibleStack<VitLayer<double, ConstantSchedule, Fp64>>;
+  constexpr bool is_fp64 = std::is_same_v<typename P::stream_type, double> && std::is_same_v<T, double>;
 
   std::optional<io::SafetensorsReader> file;
   io::TimmVitConfig cfg{o.layers, o.dim, o.heads, o.mlp};
@@ -174,27 +260,47 @@ std::vector<Record> run(const Options& o, std::vector<std::pair<double, double>>
     file = io::SafetensorsReader::from_file(o.weights);
     cfg = io::infer_timm_vit_config(*file, o.num_heads);
   }
+  // The fidelity tool measures error landscapes: the guard warns (silently) instead of
+  // throwing, and each record says whether the default guard would have tripped.
+  const ReconstructionGuard default_guard{};
   HostContext ctx;
-  ReversibleStack<Layer> stack(ctx, make_vit_layers<T, ConstantSchedule, P>(cfg.num_layers, cfg.dim, cfg.num_heads, cfg.hidden),
-                               ConstantSchedule(0.0, 1.0),
-                               {.mode = BackpropMode::Standard,
-                                .error_bound = {.stream_tolerance = o.tolerance, .planning_margin = o.budget},
-                                .guard = {.action = GuardAction::Warn, .warn = [](std::string_view) {}}});
+  Stack stack(ctx, make_vit_layers<T, ConstantSchedule, P>(cfg.num_layers, cfg.dim, cfg.num_heads, cfg.hidden),
+              ConstantSchedule(0.0, 1.0),
+              {.mode = BackpropMode::Standard,
+               .error_bound = {.stream_tolerance = o.tolerance, .planning_margin = o.budget},
+               .guard = {.action = GuardAction::Warn, .warn = [](std::string_view) {}}});
   if (file) io::load_parameters(stack, *file);
   else pretrained_like(stack, o.seed);
+
+  // The fp64 reference: the same parameters (as the stack holds them) in an fp64 stack, in a
+  // context of its own so that it does not enter the measured peaks.
+  HostContext ref_ctx;
+  std::optional<Ref> ref64;
+  if constexpr (!is_fp64) {
+    ref64.emplace(ref_ctx, make_vit_layers<double, ConstantSchedule, Fp64>(cfg.num_layers, cfg.dim, cfg.num_heads, cfg.hidden),
+                  ConstantSchedule(0.0, 1.0), StackOptions{.mode = BackpropMode::Standard});
+    const auto src = stack.parameters();
+    const auto dst = ref64->parameters();
+    for (std::size_t k = 0; k < src.size(); ++k) {
+      DR2NET_CHECK(src[k].name == dst[k].name && src[k].value.size() == dst[k].value.size(),
+                   "fp64 reference: parameter ", dst[k].name, " does not match ", src[k].name);
+      for (std::size_t i = 0; i < src[k].value.size(); ++i) dst[k].value.data()[i] = double(src[k].value.data()[i]);
+    }
+  }
 
   const Shape shape{o.batch, o.tokens, cfg.dim};
   const auto n = static_cast<std::size_t>(shape.numel());
   std::mt19937_64 rng(o.seed + 1);
   std::normal_distribution<double> normal(0.0, 1.0);
-  std::vector<S> h0(n), dout(n), out(n), dh0(n), ref_dh0(n);
-  for (auto& v : h0) v = static_cast<S>(normal(rng));
-  for (auto& v : dout) v = static_cast<S>(normal(rng));
+  std::vector<V> h0(n), dout(n), out(n), dh0(n);
+  for (auto& v : h0) v = static_cast<V>(normal(rng));
+  for (auto& v : dout) v = static_cast<V>(normal(rng));
+  std::vector<double> h0_64(h0.begin(), h0.end()), dout_64(dout.begin(), dout.end()), out_64(n), dh0_64(n);
 
   auto step = [&](std::int64_t s) {
     stack.zero_grad();
-    stack.forward(ConstView<S>(h0.data(), shape), TensorView<S>(out.data(), shape), s);
-    stack.backward(ConstView<S>(dout.data(), shape), TensorView<S>(dh0.data(), shape), ConstView<S>(h0.data(), shape));
+    stack.forward(ConstView<V>(h0.data(), shape), TensorView<V>(out.data(), shape), s);
+    stack.backward(ConstView<V>(dout.data(), shape), TensorView<V>(dh0.data(), shape), ConstView<V>(h0.data(), shape));
   };
   auto measured_step = [&](BackpropMode mode) {
     stack.set_mode(mode);
@@ -207,37 +313,112 @@ std::vector<Record> run(const Options& o, std::vector<std::pair<double, double>>
   std::vector<Record> records;
   for (const auto& [alpha, beta] : points) {
     stack.schedule() = ConstantSchedule(alpha, beta);
-    const std::size_t std_peak = measured_step(BackpropMode::Standard);
-    ref_dh0 = dh0;
-    std::vector<std::vector<T>> ref;
-    for (auto& p : stack.parameters()) ref.emplace_back(p.grad.data(), p.grad.data() + p.grad.size());
+    Record base;
+    base.alpha = alpha;
+    base.beta = beta;
+    const Coefficients used = stack.coefficients(0, 0);
+    base.grid_alpha = used.alpha;
+    base.grid_beta = used.beta;
+
+    // The references: standard mode under P, and standard mode in fp64.
+    Gradients<T, V> ref;
+    Gradients<double, double> ref_64;
+    try {
+      base.standard_peak_activation_bytes = measured_step(BackpropMode::Standard);
+      ref = gradients_of(stack, dh0);
+      if constexpr (is_fp64) {
+        ref_64 = ref;
+      } else {
+        // The same model: the coefficients the stack's arithmetic uses (for fixed-point
+        // streams the 2^-24 grid's, which differ from the requested ones by up to 2^-25).
+        ref64->schedule() = ConstantSchedule(used.alpha, used.beta);
+        ref64->zero_grad();
+        ref64->forward(ConstView<double>(h0_64.data(), shape), TensorView<double>(out_64.data(), shape), 0);
+        ref64->backward(ConstView<double>(dout_64.data(), shape), TensorView<double>(dh0_64.data(), shape));
+        ref_64 = gradients_of(*ref64, dh0_64);
+      }
+    } catch (const Error& e) {
+      for (const auto& m : o.modes) {
+        Record r = base;
+        r.mode = m;
+        r.error = "standard-mode reference: " + e.detail();
+        records.push_back(r);
+      }
+      continue;
+    }
 
     for (const auto& m : o.modes) {
-      const bool bounded = m == "error-bounded";
-      if (!bounded && std::abs(beta) < stack.options().min_abs_beta) {
-        records.push_back({alpha, beta, m, NAN, NAN, NAN, NAN, 0, 0, std_peak});
+      Record r = base;
+      r.mode = m;
+      if (m == "standard") {  // the reference run itself
+        r.peak_activation_bytes = r.standard_peak_activation_bytes;
+        r.max_param_grad_rel_err = r.input_grad_rel_err = r.max_abs_grad_diff = 0;
+        r.bit_identical = true;
+        r.ran = true;
+        std::tie(r.max_param_grad_rel_err_vs_fp64, r.input_grad_rel_err_vs_fp64) = errors(ref, ref_64);
+        r.guard_tripped = false;  // standard mode reconstructs nothing
+        records.push_back(r);
         continue;
       }
-      if (bounded) {
-        stack.set_error_bound(stack.options().error_bound);  // a fresh controller per point
-        stack.set_mode(BackpropMode::ErrorBounded);
-        for (int w = 0; w < o.warmup; ++w) step(0);
+      const bool bounded = m == "error-bounded";
+      if (!bounded && std::abs(used.beta) < stack.options().min_abs_beta) {  // not reversible: no record values
+        records.push_back(r);
+        continue;
       }
-      const std::size_t peak = measured_step(bounded ? BackpropMode::ErrorBounded : BackpropMode::Reversible);
-      double worst = 0;
-      std::size_t k = 0;
-      for (auto& p : stack.parameters()) {
-        worst = std::max(worst, rel_l2(p.grad.data(), ref[k].data(), p.grad.size()));
-        ++k;
+      r.exact = Stack::exact;
+      try {
+        if (bounded) {
+          stack.set_error_bound(stack.options().error_bound);  // a fresh controller per point
+          stack.set_mode(BackpropMode::ErrorBounded);
+          for (int w = 0; w < o.warmup; ++w) step(0);
+        }
+        r.peak_activation_bytes = measured_step(bounded ? BackpropMode::ErrorBounded : BackpropMode::Reversible);
+      } catch (const Error& e) {
+        r.error = e.detail();
+        records.push_back(r);
+        continue;
       }
+      r.ran = true;
+      r.side_bits_bytes = ctx.meter().peak(MemoryCategory::SideBits);
+      const auto got = gradients_of(stack, dh0);
+      std::tie(r.max_param_grad_rel_err, r.input_grad_rel_err) = errors(got, ref);
+      std::tie(r.max_param_grad_rel_err_vs_fp64, r.input_grad_rel_err_vs_fp64) = errors(got, ref_64);
+      Difference diff;
+      for (std::size_t k = 0; k < got.params.size(); ++k)
+        diff.add(got.params[k].data(), ref.params[k].data(), got.params[k].size());
+      diff.add(got.input.data(), ref.input.data(), n);
+      r.bit_identical = diff.identical;
+      r.max_abs_grad_diff = diff.max_abs;
+
       const auto& rep = stack.reconstruction();
-      records.push_back({alpha, beta, m, worst, rel_l2(dh0.data(), ref_dh0.data(), n),
-                         rep.input_compared ? rep.max_abs_error : NAN, rep.input_compared ? rep.relative_error : NAN,
-                         rep.snapshots, peak, std_peak});
+      r.reconstruction_measured = rep.measured || rep.measured_boundaries > 0;
+      if (rep.measured) {
+        r.reconstruction_max_abs_err = rep.max_abs_error;
+        r.reconstruction_rel_err = rep.relative_error;
+      }
+      r.worst_reconstruction_rel_err = rep.worst_relative_error();
+      // As the stack's guard decides: exact mode never trips it (a mismatch there is an
+      // error of its own), a backward that measured nothing neither; otherwise it trips when
+      // the worst measured relative error is not <= the limit (NaN and Inf included).
+      r.guard_tripped = !rep.exact && r.reconstruction_measured &&
+                        !(r.worst_reconstruction_rel_err <= default_guard.max_relative_error);
+      r.snapshots = rep.snapshots;
+      records.push_back(r);
     }
   }
   return records;
 }
+
+nlohmann::json num(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); }
+nlohmann::json flag(const std::optional<bool>& b) { return b ? nlohmann::json(*b) : nlohmann::json(nullptr); }
+
+std::string cell(double v, const char* format = "%.3e") {
+  if (std::isnan(v)) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, format, v);
+  return buf;
+}
+std::string cell(const std::optional<bool>& b) { return b ? (*b ? "yes" : "no") : "-"; }
 
 }  // namespace
 
@@ -258,28 +439,53 @@ int main(int argc, char** argv) {
     std::vector<Record> records;
     if (o.precision == "fp64") records = run<dr2net::Fp64>(o, points);
     else if (o.precision == "fp64-streams") records = run<dr2net::Fp64StreamsFp32Compute>(o, points);
+    else if (o.precision == "fixed-fp32") records = run<dr2net::FixedFp32>(o, points);
+    else if (o.precision == "fixed-fp64") records = run<dr2net::FixedFp64>(o, points);
     else records = run<dr2net::Fp32>(o, points);
 
-    std::printf("%6s %6s %-14s %12s %12s %12s %9s %12s %12s\n", "alpha", "beta", "mode", "param_err", "input_err",
-                "recon_rel", "snapshots", "act_MiB", "std_act_MiB");
+    const double guard_limit = dr2net::ReconstructionGuard{}.max_relative_error;
+    std::printf("%6s %6s %-21s %10s %10s %10s %10s %10s %5s %5s %9s %9s %9s %9s\n", "alpha", "beta", "mode",
+                "param_err", "input_err", "param_f64", "input_f64", "recon_rel", "guard", "bitid", "snapshots",
+                "act_MiB", "std_MiB", "side_KiB");
     nlohmann::json j = nlohmann::json::array();
     for (const auto& r : records) {
-      std::printf("%6.3f %6.3f %-14s %12.3e %12.3e %12.3e %9d %12.3f %12.3f\n", r.alpha, r.beta, r.mode.c_str(),
-                  r.max_param_grad_rel_err, r.input_grad_rel_err, r.reconstruction_rel_err, r.snapshots,
-                  double(r.peak_activation_bytes) / 1048576.0, double(r.standard_peak_activation_bytes) / 1048576.0);
-      auto num = [](double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); };
-      j.push_back({{"alpha", r.alpha},
-                   {"beta", r.beta},
-                   {"mode", r.mode},
-                   {"precision", o.precision},
-                   {"max_param_grad_rel_err", num(r.max_param_grad_rel_err)},
-                   {"input_grad_rel_err", num(r.input_grad_rel_err)},
-                   {"reconstruction_max_abs_err", num(r.reconstruction_max_abs_err)},
-                   {"reconstruction_rel_err", num(r.reconstruction_rel_err)},
-                   {"snapshots", r.snapshots},
-                   {"peak_activation_bytes", r.peak_activation_bytes},
-                   {"standard_peak_activation_bytes", r.standard_peak_activation_bytes},
-                   {"tolerance", o.tolerance}});
+      std::printf("%6.3f %6.3f %-21s %10s %10s %10s %10s %10s %5s %5s %9d %9s %9s %9s%s%s\n", r.alpha, r.beta,
+                  (r.exact ? r.mode + " (exact)" : r.mode).c_str(), cell(r.max_param_grad_rel_err).c_str(),
+                  cell(r.input_grad_rel_err).c_str(), cell(r.max_param_grad_rel_err_vs_fp64).c_str(),
+                  cell(r.input_grad_rel_err_vs_fp64).c_str(), cell(r.worst_reconstruction_rel_err).c_str(),
+                  r.guard_tripped ? (*r.guard_tripped ? "trip" : "ok") : "-", cell(r.bit_identical).c_str(),
+                  r.snapshots, cell(r.ran ? double(r.peak_activation_bytes) / 1048576.0 : kNaN, "%.3f").c_str(),
+                  cell(double(r.standard_peak_activation_bytes) / 1048576.0, "%.3f").c_str(),
+                  cell(r.ran ? double(r.side_bits_bytes) / 1024.0 : kNaN, "%.1f").c_str(), r.error.empty() ? "" : "  failed: ",
+                  r.error.c_str());
+      nlohmann::json rec{{"alpha", r.alpha},
+                         {"beta", r.beta},
+                         {"coefficient_alpha", num(r.grid_alpha)},
+                         {"coefficient_beta", num(r.grid_beta)},
+                         {"mode", r.mode},
+                         {"precision", o.precision},
+                         {"exact", r.exact},
+                         {"max_param_grad_rel_err", num(r.max_param_grad_rel_err)},
+                         {"input_grad_rel_err", num(r.input_grad_rel_err)},
+                         {"bit_identical", flag(r.bit_identical)},
+                         {"max_abs_grad_diff", num(r.max_abs_grad_diff)},
+                         {"max_param_grad_rel_err_vs_fp64", num(r.max_param_grad_rel_err_vs_fp64)},
+                         {"input_grad_rel_err_vs_fp64", num(r.input_grad_rel_err_vs_fp64)},
+                         {"reconstruction_measured", r.reconstruction_measured},
+                         {"reconstruction_max_abs_err", num(r.reconstruction_max_abs_err)},
+                         {"reconstruction_rel_err", num(r.reconstruction_rel_err)},
+                         {"worst_reconstruction_rel_err", num(r.worst_reconstruction_rel_err)},
+                         {"guard_tripped", flag(r.guard_tripped)},
+                         {"guard_max_relative_error", guard_limit},
+                         {"snapshots", r.snapshots},
+                         {"peak_activation_bytes", r.peak_activation_bytes},
+                         {"standard_peak_activation_bytes", r.standard_peak_activation_bytes},
+                         {"side_bits_bytes", r.side_bits_bytes},
+                         {"tolerance", o.tolerance},
+                         {"stream_tolerance", o.tolerance},
+                         {"planning_margin", o.budget}};
+      if (!r.error.empty()) rec["error"] = r.error;
+      j.push_back(std::move(rec));
     }
     if (!o.json.empty()) {
       std::ofstream f(o.json);
@@ -296,7 +502,7 @@ int main(int argc, char** argv) {
         const auto k = std::find(betas.begin(), betas.end(), r.beta) - betas.begin();
         grid[static_cast<std::size_t>(i)][static_cast<std::size_t>(k)] = r.max_param_grad_rel_err;
       }
-      const double lo = o.precision == "fp64" ? 1e-16 : 1e-8;
+      const double lo = o.precision == "fp64" || o.precision == "fixed-fp64" ? 1e-16 : 1e-8;
       dr2net::tools::write_heatmap(o.png, alphas, betas, grid, lo, 1.0);
     }
     return 0;

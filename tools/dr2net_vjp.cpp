@@ -2,14 +2,23 @@
 // that any checkpoint can be checked against another framework.
 //
 //   dr2net-vjp --weights W.safetensors --input X.safetensors --alpha A --beta B
-//              --mode reversible|standard|error-bounded --precision fp32|fp64
+//              --mode reversible|standard|error-bounded
+//              --precision fp32|fp64|fixed-fp32|fixed-fp64
 //              [--backend host|cuda] [--num-heads H] [--eps E] --out R.safetensors
 //
 // W: L timm blocks (blocks.{i}.norm1.weight, ... ; any of F64/F32/F16/BF16; metadata
 // "num_heads"). X: "x" [B, N, D] (the stack input h0) and "dout" [B, N, D]. The stack is run
 // with every module at (A, B) and L = sum(out * dout); R receives "out" (= y_N), "grad.x"
-// (= dL/dh0) and "grad.<name>" for every tensor of W, in the requested precision.
-// Any bad input or argument: exit status 1 (2 for usage) and one line on stderr.
+// (= dL/dh0) and "grad.<name>" for every tensor of W, in the compute type (F32 for fp32 and
+// fixed-fp32, F64 for fp64 and fixed-fp64).
+//
+// fixed-fp32 / fixed-fp64 are the exact precision policies (FixedFp32, FixedFp64: int64
+// fixed-point streams, fp32/fp64 functions): --mode reversible is then exact and gives the
+// gradients of --mode standard bit for bit; the coefficients are those of the 2^-24 grid.
+// The stack keeps the library's default reconstruction guard: a floating-point reversible or
+// error-bounded backward whose measured reconstruction error exceeds 1e-4 is an error.
+// Any bad input or argument, a guard trip, or a non-finite value: exit status 1 (2 for
+// usage), one line on stderr, and no output file.
 
 #include <cmath>
 #include <cstdio>
@@ -18,6 +27,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dr2net/dr2net.hpp"
@@ -25,11 +35,80 @@
 #include "dr2net/io/safetensors.hpp"
 #include "dr2net/modules/vit.hpp"
 
+namespace dr2net_vjp {
+
+//! What a run knows for the output file's metadata; the host and the CUDA path both fill it
+//! (dr2net_vjp_cuda.cu repeats this definition: keep the two identical).
+struct RunInfo {
+  std::string mode, precision, backend;
+  int num_heads = 0;
+  dr2net::Coefficients requested;  //!< --alpha, --beta
+  dr2net::Coefficients used;       //!< as the stack's arithmetic uses them (stack.coefficients(0, 0))
+  int stream_frac_bits = 0;        //!< > 0: fixed-point streams with this many fractional bits
+  dr2net::ReconstructionReport report;
+  std::size_t side_bits_bytes = 0;
+};
+
+//! The metadata of the output file. Numbers are written with 17 significant digits (they
+//! read back as the same double); nothing that was not measured is written as a number.
+std::map<std::string, std::string> metadata(const RunInfo& r);
+
+}  // namespace dr2net_vjp
+
 #if defined(DR2NET_VJP_HAVE_CUDA)
 // Defined in dr2net_vjp_cuda.cu (built where dr2net::cuda exists).
 int dr2net_vjp_cuda_run(const std::string& weights, const std::string& input, const std::string& out, double alpha,
                         double beta, const std::string& mode, const std::string& precision, int num_heads, double eps);
 #endif
+
+namespace dr2net_vjp {
+
+namespace {
+
+std::string full(double v) {
+  if (!std::isfinite(v)) return "not finite";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+}  // namespace
+
+std::map<std::string, std::string> metadata(const RunInfo& r) {
+  std::map<std::string, std::string> m;
+  const bool fixed = r.stream_frac_bits > 0;
+  m["mode"] = r.mode;
+  m["precision"] = r.precision;
+  m["backend"] = r.backend;
+  m["num_heads"] = std::to_string(r.num_heads);
+  m["alpha"] = full(r.used.alpha);
+  m["beta"] = full(r.used.beta);
+  if (fixed) {
+    // alpha and beta above are the grid values the fixed-point arithmetic uses.
+    m["coefficient_grid"] = "2^-" + std::to_string(dr2net::fixed::kCoefficientBits);
+    m["requested_alpha"] = full(r.requested.alpha);
+    m["requested_beta"] = full(r.requested.beta);
+    m["stream"] = "int64 fixed point, grid 2^-" + std::to_string(r.stream_frac_bits);
+    m["side_bits_bytes"] = std::to_string(r.side_bits_bytes);
+  }
+  const auto& rep = r.report;
+  if (r.mode == "standard") m["reconstruction"] = "none (standard mode stores the activations)";
+  else if (rep.exact) m["reconstruction"] = "exact";
+  else m["reconstruction"] = rep.measured || rep.measured_boundaries > 0 ? "measured" : "not measured";
+  if (rep.measured) {
+    m["reconstruction_relative_error"] = full(rep.relative_error);
+    m["reconstruction_max_abs_error"] = full(rep.max_abs_error);
+  } else {
+    m["reconstruction_relative_error"] = "not measured";
+  }
+  if (r.mode == "error-bounded") {
+    m["snapshots"] = std::to_string(rep.snapshots);
+    if (rep.measured_boundaries > 0) m["max_boundary_relative_error"] = full(rep.max_boundary_relative_error);
+  }
+  return m;
+}
+
+}  // namespace dr2net_vjp
 
 namespace {
 
@@ -42,19 +121,33 @@ struct Args {
 };
 
 constexpr const char* kUsage =
-    "usage: dr2net-vjp --weights W.safetensors --input X.safetensors --alpha A --beta B "
-    "--mode reversible|standard|error-bounded --precision fp32|fp64 [--backend host|cuda] "
-    "[--num-heads H] [--eps E] --out R.safetensors";
+    "usage: dr2net-vjp --weights W.safetensors --input X.safetensors --alpha A --beta B\n"
+    "                  --mode reversible|standard|error-bounded --precision fp32|fp64|fixed-fp32|fixed-fp64\n"
+    "                  [--backend host|cuda] [--num-heads H] [--eps E] --out R.safetensors\n"
+    "fixed-fp32/fixed-fp64: fixed-point streams, reversible mode exact (equal to standard bit for bit);\n"
+    "tensors in and out are F32 for fp32/fixed-fp32 and F64 for fp64/fixed-fp64";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+//! Error messages go out as one line on stderr, whatever they hold.
+void print_error(const std::string& message, const char* suffix = "") {
+  std::string line = message;
+  for (char& c : line)
+    if (c == '\n' || c == '\r') c = ' ';
+  std::fprintf(stderr, "dr2net-vjp: %s%s\n", line.c_str(), suffix);
+}
 
 double parse_number(const std::string& flag, const std::string& text) {
   char* end = nullptr;
   const double v = std::strtod(text.c_str(), &end);
   if (text.empty() || *end != '\0' || !std::isfinite(v)) throw UsageError(flag + " expects a finite number, got '" + text + "'");
   return v;
+}
+
+bool known_precision(const std::string& p) {
+  return p == "fp32" || p == "fp64" || p == "fixed-fp32" || p == "fixed-fp64";
 }
 
 Args parse(int argc, char** argv) {
@@ -93,15 +186,20 @@ Args parse(int argc, char** argv) {
   if (std::isnan(a.beta)) throw UsageError("missing --beta");
   if (a.mode != "reversible" && a.mode != "standard" && a.mode != "error-bounded")
     throw UsageError("--mode must be reversible, standard or error-bounded, got '" + a.mode + "'");
-  if (a.precision != "fp32" && a.precision != "fp64")
-    throw UsageError("--precision must be fp32 or fp64, got '" + a.precision + "'");
+  if (!known_precision(a.precision))
+    throw UsageError("--precision must be fp32, fp64, fixed-fp32 or fixed-fp64, got '" + a.precision + "'");
   if (a.backend != "host" && a.backend != "cuda") throw UsageError("--backend must be host or cuda, got '" + a.backend + "'");
   return a;
 }
 
-template <class T>
+template <class P>
 int run(const Args& a) {
   using namespace dr2net;
+  using T = typename P::compute_type;  // parameters and their gradients
+  using V = policy_value_t<P>;         // h0, out, dout, dh0: the compute type for fixed-point streams
+  static_assert(std::is_same_v<T, V>, "dr2net-vjp writes one dtype: the stack's value and compute types must agree");
+  using Layer = VitLayer<T, ConstantSchedule, P>;
+  using Stack = ReversibleStack<Layer>;
   const auto weights = io::SafetensorsReader::from_file(a.weights);
   const auto input = io::SafetensorsReader::from_file(a.input);
   const auto cfg = io::infer_timm_vit_config(weights, a.num_heads);
@@ -114,31 +212,36 @@ int run(const Args& a) {
                ": B and N must be positive");
   const Shape shape{xr.shape[0], xr.shape[1], xr.shape[2]};
   const auto n = static_cast<std::size_t>(shape.numel());
-  std::vector<T> x(n), dout(n), out(n), dx(n);
+  std::vector<V> x(n), dout(n), out(n), dx(n);
   input.read_into("x", xr.shape, x.data());
   input.read_into("dout", xr.shape, dout.data());
 
   HostContext ctx;
-  using Layer = VitLayer<T, ConstantSchedule>;
-  ReversibleStack<Layer> stack(ctx, make_vit_layers<T, ConstantSchedule>(cfg.num_layers, cfg.dim, cfg.num_heads, cfg.hidden, a.eps),
-                               ConstantSchedule(a.alpha, a.beta));
+  // The default StackOptions keep the default guard (GuardAction::Throw).
+  Stack stack(ctx, make_vit_layers<T, ConstantSchedule, P>(cfg.num_layers, cfg.dim, cfg.num_heads, cfg.hidden, a.eps),
+              ConstantSchedule(a.alpha, a.beta));
   io::load_parameters(stack, weights);
   stack.set_mode(a.mode == "standard" ? BackpropMode::Standard
                  : a.mode == "error-bounded" ? BackpropMode::ErrorBounded
                                              : BackpropMode::Reversible);
   stack.zero_grad();
-  stack.forward(ConstView<T>(x.data(), shape), TensorView<T>(out.data(), shape), 0);
-  stack.backward(ConstView<T>(dout.data(), shape), TensorView<T>(dx.data(), shape), ConstView<T>(x.data(), shape));
+  stack.forward(ConstView<V>(x.data(), shape), TensorView<V>(out.data(), shape), 0);
+  stack.backward(ConstView<V>(dout.data(), shape), TensorView<V>(dx.data(), shape), ConstView<V>(x.data(), shape));
 
-  const auto dtype = std::is_same_v<T, double> ? io::DType::F64 : io::DType::F32;
+  dr2net_vjp::RunInfo info;
+  info.mode = a.mode;
+  info.precision = a.precision;
+  info.backend = "host";
+  info.num_heads = cfg.num_heads;
+  info.requested = {a.alpha, a.beta};
+  info.used = stack.coefficients(0, 0);
+  if constexpr (Stack::exact) info.stream_frac_bits = Stack::stream_type::frac_bits;
+  info.report = stack.reconstruction();
+  info.side_bits_bytes = ctx.meter().peak(MemoryCategory::SideBits);
+
+  const auto dtype = std::is_same_v<V, double> ? io::DType::F64 : io::DType::F32;
   io::SafetensorsWriter w;
-  w.set_metadata("alpha", std::to_string(a.alpha));
-  w.set_metadata("beta", std::to_string(a.beta));
-  w.set_metadata("mode", a.mode);
-  w.set_metadata("precision", a.precision);
-  w.set_metadata("num_heads", std::to_string(cfg.num_heads));
-  if (a.mode != "standard")
-    w.set_metadata("reconstruction_relative_error", std::to_string(stack.reconstruction().relative_error));
+  for (const auto& [key, value] : dr2net_vjp::metadata(info)) w.set_metadata(key, value);
   w.add("out", dtype, xr.shape, out.data());
   w.add("grad.x", dtype, xr.shape, dx.data());
   io::save_parameters(stack, w, dtype, "grad.", /*gradients=*/true);
@@ -160,15 +263,18 @@ int main(int argc, char** argv) {
       return 1;
 #endif
     }
-    return a.precision == "fp64" ? run<double>(a) : run<float>(a);
+    if (a.precision == "fp64") return run<dr2net::Fp64>(a);
+    if (a.precision == "fixed-fp32") return run<dr2net::FixedFp32>(a);
+    if (a.precision == "fixed-fp64") return run<dr2net::FixedFp64>(a);
+    return run<dr2net::Fp32>(a);
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "dr2net-vjp: %s (see --help)\n", e.what());
+    print_error(e.what(), " (see --help)");
     return 2;
   } catch (const dr2net::Error& e) {
-    std::fprintf(stderr, "dr2net-vjp: %s\n", e.detail().c_str());
+    print_error(e.detail());
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "dr2net-vjp: %s\n", e.what());
+    print_error(e.what());
     return 1;
   }
 }

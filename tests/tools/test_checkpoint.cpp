@@ -1,12 +1,17 @@
 // timm ViT checkpoints: loading into a stack, the pretrained equivalence at (1, 0) against an
-// independent implementation, bad checkpoints, and the dr2net-vjp tool end to end.
+// independent implementation, bad checkpoints, and the dr2net-vjp tool end to end: exact
+// (fixed-point) precisions equal standard mode bit for bit, guard trips and NaN inputs fail
+// cleanly, metadata reads back exactly.
 
+#include <algorithm>
 #include <catch2/catch.hpp>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <random>
 #include <sstream>
@@ -393,5 +398,202 @@ TEST_CASE("dr2net-vjp rejects bad input with one line and a non-zero status", "[
     CHECK(r.status != 0);
     CHECK(r.err.find(needle) != std::string::npos);
     CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+  }
+}
+
+namespace {
+
+// x and dout as one F64 input file for dr2net-vjp.
+void write_input(const std::string& path, const std::vector<double>& x, const std::vector<double>& dout, std::int64_t B,
+                 std::int64_t N, std::int64_t D) {
+  io::SafetensorsWriter w;
+  w.add("x", io::DType::F64, {B, N, D}, x.data());
+  w.add("dout", io::DType::F64, {B, N, D}, dout.data());
+  w.write_file(path);
+}
+
+// A metadata value parsed as a whole number (fails the test if it is not one).
+double metadata_number(const io::SafetensorsReader& r, const std::string& key) {
+  INFO("metadata key " << key);
+  REQUIRE(r.metadata().count(key) == 1);
+  const std::string& text = r.metadata().at(key);
+  INFO("value '" << text << "'");
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  REQUIRE(!text.empty());
+  REQUIRE(*end == '\0');
+  return v;
+}
+
+// No metadata value spells a non-number ("nan", "inf") where a number should be.
+void check_no_nan(const io::SafetensorsReader& r) {
+  for (const auto& [key, value] : r.metadata()) {
+    std::string lower = value;
+    for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    INFO(key << " = " << value);
+    CHECK(lower.find("nan") == std::string::npos);
+    CHECK(lower != "inf");
+    CHECK(lower != "-inf");
+  }
+}
+
+}  // namespace
+
+TEST_CASE("dr2net-vjp fixed-point precisions: reversible gives standard's gradients bit for bit", "[tool]") {
+  std::uint64_t seed;
+  auto rng = dr2net::testing::fresh_rng(seed);
+  INFO("seed " << seed);
+  TempDir dir;
+  const std::int64_t B = 2, N = 5, D = 8, H = 16;
+  const int L = 3;
+  const auto tensors = random_checkpoint(L, D, H, rng);
+  write_file(dir.file("w.safetensors"), write(tensors, D, H, io::DType::F32, {{"num_heads", "2"}}));
+  const auto x = dr2net::testing::random_vector<double>(static_cast<std::size_t>(B * N * D), rng);
+  const auto dout = dr2net::testing::random_vector<double>(x.size(), rng);
+  write_input(dir.file("x.safetensors"), x, dout, B, N, D);
+  const std::string common = "--weights " + dir.file("w.safetensors") + " --input " + dir.file("x.safetensors") +
+                             " --alpha 1 --beta 0.1";
+  // The coefficients on the fixed-point grid: multiples of 2^-24.
+  const double grid_beta = std::round(0.1 * 16777216.0) / 16777216.0;
+  REQUIRE(grid_beta != 0.1);
+
+  for (std::string prec : {"fixed-fp32", "fixed-fp64"}) {
+    INFO(prec);
+    std::map<std::string, io::SafetensorsReader> results;
+    for (std::string mode : {"standard", "reversible", "error-bounded"}) {
+      const std::string out = dir.file(prec + mode + ".safetensors");
+      const auto r = run_tool(dir, common + " --mode " + mode + " --precision " + prec + " --out " + out);
+      INFO(mode << ": " << r.err);
+      REQUIRE(r.status == 0);
+      results.emplace(mode, io::SafetensorsReader::from_file(out));
+    }
+    const auto& ref = results.at("standard");
+    const auto dtype = prec == "fixed-fp32" ? io::DType::F32 : io::DType::F64;
+    std::vector<std::string> expected_names{"grad.x", "out"};
+    for (const auto& [name, v] : tensors) expected_names.push_back("grad." + name);
+    std::sort(expected_names.begin(), expected_names.end());
+    for (std::string mode : {"reversible", "error-bounded"}) {
+      INFO(mode);
+      const auto& got = results.at(mode);
+      REQUIRE(got.names() == expected_names);
+      for (const auto& name : expected_names) {
+        INFO(name);
+        CHECK(got.record(name).dtype == dtype);
+        CHECK(ref.record(name).dtype == dtype);
+        // Exact: every element equal (both files hold the compute type; reading into double is exact).
+        CHECK(got.read<double>(name) == ref.read<double>(name));
+      }
+      CHECK(got.metadata().at("reconstruction") == "exact");
+      CHECK(metadata_number(got, "reconstruction_relative_error") == 0.0);
+      CHECK(metadata_number(got, "side_bits_bytes") > 0);  // |beta| < 1: every module keeps side bits
+      check_no_nan(got);
+    }
+    for (const auto& [mode, r] : results) {
+      INFO(mode);
+      CHECK(metadata_number(r, "alpha") == 1.0);
+      CHECK(metadata_number(r, "beta") == grid_beta);
+      CHECK(metadata_number(r, "requested_beta") == 0.1);
+      CHECK(r.metadata().at("coefficient_grid") == "2^-24");
+      CHECK(r.metadata().at("precision") == prec);
+    }
+    CHECK(ref.metadata().at("reconstruction_relative_error") == "not measured");
+    CHECK(metadata_number(ref, "side_bits_bytes") == 0);
+    check_no_nan(ref);
+  }
+}
+
+TEST_CASE("dr2net-vjp: a reconstruction guard trip, a NaN input: one line, non-zero status, no output", "[tool]") {
+  TempDir dir;
+  std::mt19937_64 rng(11);
+  const std::int64_t B = 2, N = 5, D = 8, H = 16;
+  // 8 modules at (1, 0.1): fp32 reconstruction error grows ~11x per module, to about 1e2 with
+  // this seed (the guard trips at 1e-4) while staying finite.
+  const int L = 4;
+  const auto tensors = random_checkpoint(L, D, H, rng);
+  write_file(dir.file("w.safetensors"), write(tensors, D, H, io::DType::F32, {{"num_heads", "2"}}));
+  auto x = dr2net::testing::random_vector<double>(static_cast<std::size_t>(B * N * D), rng);
+  const auto dout = dr2net::testing::random_vector<double>(x.size(), rng);
+  write_input(dir.file("x.safetensors"), x, dout, B, N, D);
+  auto bad_dout = dout;
+  bad_dout[3] = -std::numeric_limits<double>::infinity();
+  write_input(dir.file("inf-dout.safetensors"), x, bad_dout, B, N, D);
+  x[17] = std::numeric_limits<double>::quiet_NaN();
+  write_input(dir.file("nan.safetensors"), x, dout, B, N, D);
+  const std::string W = "--weights " + dir.file("w.safetensors"), AB = " --alpha 1 --beta 0.1";
+
+  auto expect_failure = [&](const std::string& args, const std::string& needle, const std::string& out) {
+    INFO(args);
+    const auto r = run_tool(dir, args + " --out " + out);
+    INFO(r.err);
+    CHECK(r.status == 1);
+    CHECK(r.err.find(needle) != std::string::npos);
+    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+    CHECK(!fs::exists(out));
+  };
+  const std::string X = " --input " + dir.file("x.safetensors"), NaN = " --input " + dir.file("nan.safetensors");
+  expect_failure(W + X + AB + " --mode reversible --precision fp32", "reconstruction guard", dir.file("trip.safetensors"));
+  for (const auto& [prec, mode] : std::vector<std::pair<std::string, std::string>>{
+           {"fp32", "reversible"}, {"fp64", "standard"}, {"fixed-fp32", "reversible"}, {"fixed-fp64", "error-bounded"}})
+    expect_failure(W + NaN + AB + " --mode " + mode + " --precision " + prec, "h0", dir.file("nan" + prec + mode));
+  expect_failure(W + " --input " + dir.file("inf-dout.safetensors") + AB + " --mode standard --precision fixed-fp32", "dout",
+                 dir.file("inf-dout-result.safetensors"));
+
+  // The same configuration in exact mode: no guard to trip, the gradients of standard mode.
+  const auto r = run_tool(dir, W + X + AB + " --mode reversible --precision fixed-fp32 --out " + dir.file("exact.safetensors"));
+  INFO(r.err);
+  CHECK(r.status == 0);
+}
+
+TEST_CASE("dr2net-vjp metadata: every number with 17 significant digits", "[tool]") {
+  TempDir dir;
+  std::mt19937_64 rng(5);
+  const std::int64_t B = 2, N = 4, D = 8, H = 16;
+  const int L = 2;
+  const double alpha = 0.7, beta = 0.3;  // neither is short in binary: "%.6f" or "%g" would not read back
+  const auto tensors = random_checkpoint(L, D, H, rng);
+  write_file(dir.file("w.safetensors"), write(tensors, D, H, io::DType::F64, {{"num_heads", "2"}}));
+  const auto x = dr2net::testing::random_vector<double>(static_cast<std::size_t>(B * N * D), rng);
+  const auto dout = dr2net::testing::random_vector<double>(x.size(), rng);
+  write_input(dir.file("x.safetensors"), x, dout, B, N, D);
+  const std::string args = "--weights " + dir.file("w.safetensors") + " --input " + dir.file("x.safetensors") +
+                           " --alpha 0.7 --beta 0.3 --precision fp64";
+
+  // The library's own report of the same run.
+  const auto file = io::SafetensorsReader::from_file(dir.file("w.safetensors"));
+  HostContext ctx;
+  ReversibleStack<VitLayer<double, ConstantSchedule>> stack(ctx, make_vit_layers<double, ConstantSchedule>(L, D, 2, H),
+                                                            ConstantSchedule(alpha, beta));
+  io::load_parameters(stack, file);
+  const Shape shape{B, N, D};
+  std::vector<double> out(x.size()), dx(x.size());
+  stack.zero_grad();
+  stack.forward(ConstView<double>(x.data(), shape), TensorView<double>(out.data(), shape), 0);
+  stack.backward(ConstView<double>(dout.data(), shape), TensorView<double>(dx.data(), shape),
+                 ConstView<double>(x.data(), shape));
+  const auto& rep = stack.reconstruction();
+  REQUIRE(rep.measured);
+  REQUIRE(rep.relative_error > 0);
+
+  for (std::string mode : {"reversible", "standard", "error-bounded"}) {
+    INFO(mode);
+    const std::string path = dir.file(mode + ".safetensors");
+    const auto r = run_tool(dir, args + " --mode " + mode + " --out " + path);
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    const auto res = io::SafetensorsReader::from_file(path);
+    CHECK(metadata_number(res, "alpha") == alpha);
+    CHECK(metadata_number(res, "beta") == beta);
+    CHECK(res.metadata().at("alpha") == "0.69999999999999996");
+    CHECK(res.metadata().count("coefficient_grid") == 0);
+    check_no_nan(res);
+    if (mode == "reversible") {
+      CHECK(res.metadata().at("reconstruction") == "measured");
+      CHECK(metadata_number(res, "reconstruction_relative_error") == rep.relative_error);
+      CHECK(metadata_number(res, "reconstruction_max_abs_error") == rep.max_abs_error);
+    } else if (mode == "standard") {
+      CHECK(res.metadata().at("reconstruction_relative_error") == "not measured");
+    } else {
+      CHECK(metadata_number(res, "snapshots") >= 0);
+    }
   }
 }
