@@ -515,3 +515,20 @@ TEST_CASE("fixed-point integer arithmetic matches 128-bit references", "[exact][
     }
   }
 }
+
+TEST_CASE("a floating-point reconstruction that blows up is reported by the guard, not as a NaN gradient", "[guard]") {
+  const Shape shape{2, 4, 8};
+  const auto n = static_cast<std::size_t>(shape.numel());
+  std::mt19937_64 rng(17);
+  const auto h0 = dr2net::testing::random_vector<float>(n, rng);
+  HostContext ctx;
+  ReversibleStack<UserBlock<Fp32>> stack(ctx, user_layers<Fp32>(24, 8, 5, 1.5), ConstantSchedule(1.0, 0.01));
+  CHECK_THROWS_WITH(run_step(stack, shape, h0, h0), Catch::Contains("reconstruction guard"));
+  CHECK(stack.reconstruction().measured);
+  CHECK_FALSE(stack.reconstruction().worst_relative_error() <= 1e-4);
+  CHECK(stack.reconstruction().describe().find("nan") == std::string::npos);
+  ReversibleStack<UserBlock<Fp32>> fine(ctx, user_layers<Fp32>(2, 8, 5), ConstantSchedule(0.0, 1.0));
+  run_step(fine, shape, h0, h0);
+  CHECK(fine.reconstruction().describe().find("nan") == std::string::npos);
+  CHECK(fine.reconstruction().describe().find("snapshot") == std::string::npos);
+}

@@ -404,8 +404,13 @@ class ReversibleStack {
                    " (it was finite in forward: the function is not deterministic)");
       if (check && module_flag(f, m, ModuleFlag::Gradient)) {
         const std::string params = bad_parameters(m, false);
+        const bool floating_reversal = !exact && forward_mode_ != BackpropMode::Standard;
         DR2NET_FAIL("the input gradient of ", module_name(m), " is not finite", at,
-                    params.empty() ? std::string() : "; non-finite parameters: " + params);
+                    params.empty() ? std::string() : "; non-finite parameters: " + params,
+                    floating_reversal && !report_.measured
+                        ? " (in a floating-point reversible backward this can also be a reconstruction that blew "
+                          "up at small |beta|, unmeasured here: use exact mode or error-bounded mode)"
+                        : "");
       }
     }
     DR2NET_CHECK(!(check && stack_flag(f, kFlagDh0)), "dh0 (the gradient of the stack input) is not finite", at);
@@ -681,8 +686,6 @@ class ReversibleStack {
     }
     for_each_index(*ctx_, n, InputGradient<V, A>{dh0.data(), gx.data(), gy.data(),
                                                  check ? stack_flags + kFlagDh0 : nullptr});
-    check_backward_flags();
-
     if (forward_mode_ != BackpropMode::Standard && std::abs(coefficients(step_, 0).beta) >= options_.min_abs_beta) {
       if constexpr (exact) {
         if (checksum) {  // every boundary matched its checksum, h0 included (modules 0 and 1)
@@ -697,11 +700,16 @@ class ReversibleStack {
         if (report.measured) measured.emplace_back(report.relative_error, amplification);
       }
     }
-    if (forward_mode_ == BackpropMode::ErrorBounded) update_error_scale(measured);
     report.error_scale = error_scale_;
     report_ = report;
     guard_tripped_ = false;
+    // A reconstruction that blew up makes the gradients non-finite too: the guard speaks first,
+    // and under Fallback the step is redone whatever this backward's flags say.
     if (!exact && forward_mode_ != BackpropMode::Standard) apply_guard();
+    if (guard_tripped_) return;
+    check_backward_flags();
+    if (forward_mode_ == BackpropMode::ErrorBounded) update_error_scale(measured);  // only from a clean step
+    report_.error_scale = error_scale_;
   }
 
   //! The monitor's comparison of the reconstructed (x_0, y_0) with h0, or with the sample of

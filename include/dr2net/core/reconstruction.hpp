@@ -47,10 +47,18 @@ struct ReconstructionReport {
   std::string describe() const {
     if (!measured && measured_boundaries == 0) return "not measured";
     if (exact) return "exact (bit for bit)";
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "relative error %.17g%s, %d snapshot(s), worst boundary %.17g", relative_error,
-                  input_compared ? " vs h0" : (sampled ? " vs a sample of h0" : ""), snapshots,
-                  max_boundary_relative_error);
+    char buf[200];
+    int len = 0;
+    if (measured && !(relative_error - relative_error == 0))
+      len = std::snprintf(buf, sizeof buf, "relative error not finite (the reconstruction blew up)");
+    else if (measured)
+      len = std::snprintf(buf, sizeof buf, "relative error %.17g%s", relative_error,
+                          input_compared ? " vs h0" : (sampled ? " vs a sample of h0" : ""));
+    else
+      len = std::snprintf(buf, sizeof buf, "input not measured");
+    if (measured_boundaries > 0 && len >= 0 && static_cast<std::size_t>(len) < sizeof buf)
+      std::snprintf(buf + len, sizeof buf - static_cast<std::size_t>(len), ", %d snapshot(s), worst boundary %.17g",
+                    snapshots, max_boundary_relative_error);
     return buf;
   }
 };
