@@ -35,25 +35,7 @@
 #include "dr2net/io/safetensors.hpp"
 #include "dr2net/modules/vit.hpp"
 
-namespace dr2net_vjp {
-
-//! What a run knows for the output file's metadata; the host and the CUDA path both fill it
-//! (dr2net_vjp_cuda.cu repeats this definition: keep the two identical).
-struct RunInfo {
-  std::string mode, precision, backend;
-  int num_heads = 0;
-  dr2net::Coefficients requested;  //!< --alpha, --beta
-  dr2net::Coefficients used;       //!< as the stack's arithmetic uses them (stack.coefficients(0, 0))
-  int stream_frac_bits = 0;        //!< > 0: fixed-point streams with this many fractional bits
-  dr2net::ReconstructionReport report;
-  std::size_t side_bits_bytes = 0;
-};
-
-//! The metadata of the output file. Numbers are written with 17 significant digits (they
-//! read back as the same double); nothing that was not measured is written as a number.
-std::map<std::string, std::string> metadata(const RunInfo& r);
-
-}  // namespace dr2net_vjp
+#include "vjp_metadata.hpp"
 
 #if defined(DR2NET_VJP_HAVE_CUDA)
 // Defined in dr2net_vjp_cuda.cu (built where dr2net::cuda exists).

@@ -22,21 +22,7 @@
 #include "dr2net/modules/cuda/vit.cuh"
 #include "dr2net/modules/vit.hpp"
 
-namespace dr2net_vjp {
-
-// Exactly as declared in dr2net_vjp.cpp, which defines metadata() (keep the two identical).
-struct RunInfo {
-  std::string mode, precision, backend;
-  int num_heads = 0;
-  dr2net::Coefficients requested;
-  dr2net::Coefficients used;
-  int stream_frac_bits = 0;
-  dr2net::ReconstructionReport report;
-  std::size_t side_bits_bytes = 0;
-};
-std::map<std::string, std::string> metadata(const RunInfo& r);
-
-}  // namespace dr2net_vjp
+#include "vjp_metadata.hpp"
 
 namespace {
 
