@@ -506,9 +506,9 @@ TEST_CASE("fixed-point integer arithmetic matches 128-bit references", "[exact][
       if (r >= (i128{1} << 62) || r <= -(i128{1} << 62)) continue;  // outside the range the stack admits
       REQUIRE(fixed::mul_floor(x, p) == static_cast<std::int64_t>(r));
       const i128 c = -floor_div(-r * two_k, p);  // ceil(r 2^k / p)
-      REQUIRE(fixed::ceil_div_mul(static_cast<std::int64_t>(r), p) == static_cast<std::int64_t>(c));
+      REQUIRE(fixed::ceil_div_mul(static_cast<std::int64_t>(r), p, 1.0 / static_cast<double>(p)) == static_cast<std::int64_t>(c));
       if (p <= (std::int64_t{1} << fixed::kCoefficientBits)) {
-        const std::uint64_t s = fixed::side_bits_of(x, p);
+        const std::uint64_t s = fixed::side_bits_of(x, p, 1.0 / static_cast<double>(p));
         REQUIRE(static_cast<i128>(s) == i128(x) - c);
         REQUIRE(static_cast<int>(s == 0 ? 0 : 64 - __builtin_clzll(s)) <= fixed::side_bit_width(p));
       }

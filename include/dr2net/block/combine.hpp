@@ -244,7 +244,7 @@ struct FixedForwardCombine {
       if (!(bound < fixed::kLimit)) bad = true;
       x[i] = S{fixed::wrapping_sum(ta, tf, tb)};
       if (side.words != nullptr) {
-        word |= fixed::side_bits_of(xi, beta.p) << ((i - begin) * static_cast<std::size_t>(side.width));
+        word |= fixed::side_bits_of(xi, beta.p, beta.inverse) << ((i - begin) * static_cast<std::size_t>(side.width));
       }
     }
     if (side.words != nullptr) side.words[w] = word;
@@ -275,7 +275,7 @@ struct FixedInverseCombine {
       const std::int64_t tb = fixed::wrapping_difference(y[i].raw, fixed::apply(alpha, x[i].raw), tf);
       const std::int64_t r = beta.sign < 0 ? static_cast<std::int64_t>(0 - static_cast<std::uint64_t>(tb)) : tb;
       const std::uint64_t s = (word >> ((i - begin) * static_cast<std::size_t>(side.width))) & mask;
-      y[i] = S{static_cast<std::int64_t>(static_cast<std::uint64_t>(fixed::ceil_div_mul(r, beta.p)) + s)};
+      y[i] = S{static_cast<std::int64_t>(static_cast<std::uint64_t>(fixed::ceil_div_mul(r, beta.p, beta.inverse)) + s)};
     }
     if (bad && flag != nullptr) *flag = 1;
   }

@@ -60,15 +60,16 @@ enum class StackOutput {
 //! How error-bounded mode places snapshots. What it bounds is the relative reconstruction
 //! error of the *streams* (measured at every snapshot boundary and at h0), not the error of
 //! the gradients: how much a residual function's backward amplifies an error in its input
-//! depends on the function (1-3x for the ViT blocks, about 250x for a saturating tanh MLP at
-//! (1, 0.5)). For gradients that equal standard backprop's, use a fixed-point policy (exact
-//! mode).
+//! depends on the function (1-3x for the ViT blocks, 25-580x for a saturating tanh MLP at
+//! (1, 0.5), bench/gradient_amplification). For gradients that equal standard backprop's, use a
+//! fixed-point policy (exact mode).
 //!
 //! Reconstructing module m multiplies the error of the streams by about g_m, the largest
-//! |root| of beta*l^2 + (|alpha| + lipschitz)*l - 1 = 0. Walking down from the output, a
-//! snapshot is stored at boundary m as soon as the predicted relative error there,
-//! error_scale * u * prod(g) (u: the larger unit roundoff of the stream and compute types),
-//! would exceed stream_tolerance * planning_margin. After every backward, error_scale is
+//! |root| of beta*l^2 + (|alpha| + lipschitz)*l - 1 = 0, and adds its own rounding. Walking
+//! down from the output, a snapshot is stored at boundary m as soon as the predicted relative
+//! error there, error_scale * u * a_m with a <- a * g + 1/8 from a = 1 at the last exact point
+//! (u: the larger unit roundoff of the stream and compute types), would exceed
+//! stream_tolerance * planning_margin. After every backward, error_scale is
 //! corrected from the errors actually measured (at the snapshot boundaries and at h0): it
 //! rises at once to the worst measured ratio and decays slowly. Non-finite measurements are
 //! left to the guard and never enter the controller.
@@ -451,6 +452,14 @@ class ReversibleStack {
     error_scale_ = std::max({worst, error_scale_ * eb.error_scale_decay, 1e-3});
   }
 
+  //! The predicted amplification after reconstructing one more module of growth g: the error
+  //! carried in, amplified by g, plus kRoundingPerModule for the module's own rounding, so that
+  //! where g = 1 (alpha = 0, beta = 1) the prediction grows with the segment's length instead of
+  //! staying constant (which made snapshot placement all-or-nothing there). Starts at 1 at an
+  //! exact point (the stack output, a snapshot).
+  static constexpr double kRoundingPerModule = 0.125;
+  static double accumulate_amplification(double amp, double g) { return amp * g + kRoundingPerModule; }
+
   //! Chooses snapshot boundaries for error-bounded mode at this step (see ErrorBoundOptions).
   //! With fixed-point streams reconstruction is exact: snapshots go only where a module is
   //! not reversible at all.
@@ -471,7 +480,7 @@ class ReversibleStack {
     const double base = exact ? 0.0 : error_scale_ * roundoff();
     double amp = 1;
     for (std::size_t m = M - 1; m >= 1; --m) {  // boundary 0 is h0: never stored
-      amp *= growth_[m];
+      amp = accumulate_amplification(amp, growth_[m]);
       if (!(base * amp <= budget)) {  // 0 * inf is NaN: a non-reversible module always gets one
         snapshot_slot_[m] = num_snapshots_++;
         amp = 1;
@@ -641,7 +650,7 @@ class ReversibleStack {
     report.snapshots = num_snapshots_;
     report.exact = exact && forward_mode_ != BackpropMode::Standard;
     std::vector<std::pair<double, double>> measured;  // (measured relative error, predicted amplification)
-    double amplification = 1;                          // predicted growth since the last exact point
+    double amplification = 1;                          // predicted amplification since the last exact point
     const bool checksum = exact && forward_mode_ != BackpropMode::Standard && options_.exact_self_check;
 
     for (int m = num_modules() - 1; m >= 0; --m) {
@@ -668,7 +677,7 @@ class ReversibleStack {
                        "differently between calls?); this step's gradients are invalid");
         }
       }
-      amplification *= growth_[static_cast<std::size_t>(m)];
+      amplification = accumulate_amplification(amplification, growth_[static_cast<std::size_t>(m)]);
       const int slot = snapshot_slot_.empty() ? -1 : snapshot_slot_[static_cast<std::size_t>(m)];
       if (slot >= 0) {  // boundary m has an exact copy: measure what reconstruction made of it, then restore
         const auto sx = snapshot_view(slot, 0), sy = snapshot_view(slot, 1);
@@ -790,7 +799,7 @@ class ReversibleStack {
       off += g.size();
     });
     double amp = 1;
-    for (double gm : growth_) amp *= gm;
+    for (double gm : growth_) amp = accumulate_amplification(amp, gm);
     const double worst = report_.worst_relative_error();
     const double ratio = worst / (roundoff() * amp);
     const BackpropMode mode = options_.mode;

@@ -68,9 +68,10 @@ inline constexpr double kLimit = 4611686018427387904.0;  // 2^62
 
 //! A coefficient on the grid: value = sign * p / 2^kCoefficientBits, exactly.
 struct Coefficient {
-  std::int64_t p = 0;  //!< |value| * 2^k
-  int sign = 1;        //!< +1 or -1
-  double value = 0;    //!< sign * p / 2^k (exact in double)
+  std::int64_t p = 0;    //!< |value| * 2^k
+  int sign = 1;          //!< +1 or -1
+  double value = 0;      //!< sign * p / 2^k (exact in double)
+  double inverse = 0;    //!< 1 / p rounded (0 when p = 0): divisions become corrected multiplications
 };
 
 //! The grid point nearest to c (|c| <= kMaxCoefficient; the caller checks).
@@ -79,6 +80,7 @@ inline Coefficient quantize_coefficient(double c) {
   q.sign = c < 0 ? -1 : 1;
   q.p = static_cast<std::int64_t>(std::llround(std::abs(c) * static_cast<double>(std::int64_t{1} << kCoefficientBits)));
   q.value = q.sign * static_cast<double>(q.p) / static_cast<double>(std::int64_t{1} << kCoefficientBits);
+  q.inverse = q.p > 0 ? 1.0 / static_cast<double>(q.p) : 0.0;
   return q;
 }
 
@@ -104,20 +106,20 @@ DR2NET_HD_INLINE std::int64_t mul_floor(std::int64_t x, std::int64_t p) {
   return static_cast<std::int64_t>(up * static_cast<std::uint64_t>(q) + ((up * r) >> k));
 }
 
-//! ceil(r * 2^k / p) for p > 0, modulo 2^64 when the exact result exceeds int64.
-//! With r = q p + rem (0 <= rem < p) this is q 2^k + ceil(rem 2^k / p). For p <= 2^k (|beta| <= 1)
-//! both divisions go through double and are then made exact: q from a double quotient
-//! corrected by integer remainders, and ceil(rem 2^k / p) directly, since rem 2^k < 2^48 and
-//! p < 2^25 keep a non-integer quotient at least 2^-48 (relative) from any integer, beyond
-//! double rounding. Larger p divides in integers.
-DR2NET_HD_INLINE std::int64_t ceil_div_mul(std::int64_t r, std::int64_t p) {
+//! ceil(r * 2^k / p) for p > 0 (inv = 1/p rounded), modulo 2^64 when the exact result exceeds
+//! int64. With r = q p + rem (0 <= rem < p) this is q 2^k + ceil(rem 2^k / p). For p <= 2^k
+//! (|beta| <= 1) both quotients come from multiplying by inv and are then made exact with
+//! integer remainders (the estimates are off by a few units at most); larger p divides in
+//! integers.
+DR2NET_HD_INLINE std::int64_t ceil_div_mul(std::int64_t r, std::int64_t p, double inv) {
   constexpr int k = kCoefficientBits;
-  std::int64_t q, rem;
-  const double qd = ::floor(static_cast<double>(r) / static_cast<double>(p));
+  if (p == (std::int64_t{1} << k)) return r;  // |beta| = 1
+  std::int64_t q, rem, frac;
+  const double qd = ::floor(static_cast<double>(r) * inv);
   if (p <= (std::int64_t{1} << k) && qd > -kLimit && qd < kLimit) {
     q = static_cast<std::int64_t>(qd);
     rem = static_cast<std::int64_t>(static_cast<std::uint64_t>(r) - static_cast<std::uint64_t>(q) * static_cast<std::uint64_t>(p));
-    while (rem < 0) {  // the double quotient is off by a few units at most
+    while (rem < 0) {
       --q;
       rem += p;
     }
@@ -125,6 +127,10 @@ DR2NET_HD_INLINE std::int64_t ceil_div_mul(std::int64_t r, std::int64_t p) {
       ++q;
       rem -= p;
     }
+    const std::int64_t a = rem << k;  // < 2^48
+    frac = static_cast<std::int64_t>(::ceil(static_cast<double>(a) * inv));
+    if (frac * p < a) ++frac;              // the smallest c with c p >= a
+    else if ((frac - 1) * p >= a) --frac;
   } else {
     q = r / p;
     rem = r % p;
@@ -132,26 +138,27 @@ DR2NET_HD_INLINE std::int64_t ceil_div_mul(std::int64_t r, std::int64_t p) {
       q -= 1;
       rem += p;
     }
+    frac = ((rem << k) + p - 1) / p;  // rem < p <= 2^38: no overflow
   }
-  const std::int64_t frac =
-      p <= (std::int64_t{1} << k)
-          ? static_cast<std::int64_t>(::ceil(static_cast<double>(rem << k) / static_cast<double>(p)))
-          : ((rem << k) + p - 1) / p;  // rem < p <= 2^38: no overflow
   return static_cast<std::int64_t>((static_cast<std::uint64_t>(q) << k) + static_cast<std::uint64_t>(frac));
 }
 
-//! The side bits of x for the term floor(p x / 2^k): s = x - ceil(floor(p x / 2^k) 2^k / p),
-//! computed without a 64-bit division as floor(t / p) with t = (p x) mod 2^k (p x = R 2^k + t
-//! gives ceil(R 2^k / p) = x - floor(t / p)); t < 2^k, so the double quotient's floor is exact.
-DR2NET_HD_INLINE std::uint64_t side_bits_of(std::int64_t x, std::int64_t p) {
+//! The side bits of x for the term floor(p x / 2^k) (p <= 2^k, inv = 1/p rounded):
+//! s = x - ceil(floor(p x / 2^k) 2^k / p), computed without a division as floor(t / p) with
+//! t = (p x) mod 2^k (p x = R 2^k + t gives ceil(R 2^k / p) = x - floor(t / p)); the estimate
+//! t * inv is corrected to the exact floor.
+DR2NET_HD_INLINE std::uint64_t side_bits_of(std::int64_t x, std::int64_t p, double inv) {
   constexpr std::uint64_t mask = (std::uint64_t{1} << kCoefficientBits) - 1;
-  const std::uint64_t t = (static_cast<std::uint64_t>(p) * (static_cast<std::uint64_t>(x) & mask)) & mask;
-  return static_cast<std::uint64_t>(::floor(static_cast<double>(t) / static_cast<double>(p)));
+  const auto t = static_cast<std::int64_t>((static_cast<std::uint64_t>(p) * (static_cast<std::uint64_t>(x) & mask)) & mask);
+  auto s = static_cast<std::int64_t>(static_cast<double>(t) * inv);
+  if (s * p > t) --s;
+  else if ((s + 1) * p <= t) ++s;
+  return static_cast<std::uint64_t>(s);
 }
 
-//! The term c * x on the grid: sign * floor(p * x / 2^k).
+//! The term c * x on the grid: sign * floor(p * x / 2^k) (x itself at |c| = 1, 0 at c = 0).
 DR2NET_HD_INLINE std::int64_t apply(const Coefficient& c, std::int64_t x) {
-  const std::int64_t t = mul_floor(x, c.p);
+  const std::int64_t t = c.p == (std::int64_t{1} << kCoefficientBits) ? x : c.p == 0 ? 0 : mul_floor(x, c.p);
   return c.sign < 0 ? static_cast<std::int64_t>(0 - static_cast<std::uint64_t>(t)) : t;
 }
 
