@@ -452,10 +452,10 @@ Result measure(const Options& o, int L, PointSpec p, const Weights& w) {
   for (int i = 0; i < std::max(1, o.eb_warmup); ++i) eb->step(false);
   try {
     rev->step(false);
-  } catch (const std::exception& e) {
+  } catch (const dr2net::Error& e) {
     // Plain reversible fp32 can reconstruct activations so badly that its gradients overflow;
     // the finiteness checks then stop it. Time it without them (it does the same work).
-    rev->fig.note = std::string("with the finiteness checks on it failed: ") + e.what() +
+    rev->fig.note = std::string("with the finiteness checks on it failed: ") + e.detail() +
                     " -- rerun with check_finite = false";
     dr2net::StackOptions ro = rev_o;
     ro.check_finite = false;

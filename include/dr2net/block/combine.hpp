@@ -232,17 +232,26 @@ struct FixedForwardCombine {
     const std::size_t begin = w * per, end = begin + per < n ? begin + per : n;
     std::uint64_t word = 0;
     bool bad = false;
+    // |alpha|, |beta| <= 1: every term is below 2^62 like the streams, so the sum's range is
+    // checked in integers; larger coefficients can wrap inside a term and are bounded in double.
+    const bool unit = alpha.p <= (std::int64_t{1} << fixed::kCoefficientBits) &&
+                      beta.p <= (std::int64_t{1} << fixed::kCoefficientBits);
     for (std::size_t i = begin; i < end; ++i) {
       const std::int64_t yi = y[i].raw, xi = x[i].raw;
       const std::int64_t tf = fixed::quantize(static_cast<double>(f[i]), S::scale, bad);
       const std::int64_t ta = fixed::apply(alpha, yi);
       const std::int64_t r = fixed::mul_floor(xi, beta.p);
       const std::int64_t tb = beta.sign < 0 ? static_cast<std::int64_t>(0 - static_cast<std::uint64_t>(r)) : r;
-      const double bound = (alpha.value < 0 ? -alpha.value : alpha.value) * (yi < 0 ? -static_cast<double>(yi) : static_cast<double>(yi)) +
-                           (tf < 0 ? -static_cast<double>(tf) : static_cast<double>(tf)) +
-                           (beta.value < 0 ? -beta.value : beta.value) * (xi < 0 ? -static_cast<double>(xi) : static_cast<double>(xi));
-      if (!(bound < fixed::kLimit)) bad = true;
-      x[i] = S{fixed::wrapping_sum(ta, tf, tb)};
+      const std::int64_t sum = fixed::wrapping_sum(ta, tf, tb);
+      if (unit) {
+        bad |= !fixed::sum_in_range(ta, tf, tb, sum);
+      } else {
+        const double bound = (alpha.value < 0 ? -alpha.value : alpha.value) * (yi < 0 ? -static_cast<double>(yi) : static_cast<double>(yi)) +
+                             (tf < 0 ? -static_cast<double>(tf) : static_cast<double>(tf)) +
+                             (beta.value < 0 ? -beta.value : beta.value) * (xi < 0 ? -static_cast<double>(xi) : static_cast<double>(xi));
+        bad |= !(bound < fixed::kLimit);
+      }
+      x[i] = S{sum};
       if (side.words != nullptr) {
         word |= fixed::side_bits_of(xi, beta.p, beta.inverse) << ((i - begin) * static_cast<std::size_t>(side.width));
       }

@@ -106,41 +106,21 @@ DR2NET_HD_INLINE std::int64_t mul_floor(std::int64_t x, std::int64_t p) {
   return static_cast<std::int64_t>(up * static_cast<std::uint64_t>(q) + ((up * r) >> k));
 }
 
-//! ceil(r * 2^k / p) for p > 0 (inv = 1/p rounded), modulo 2^64 when the exact result exceeds
-//! int64. With r = q p + rem (0 <= rem < p) this is q 2^k + ceil(rem 2^k / p). For p <= 2^k
-//! (|beta| <= 1) both quotients come from multiplying by inv and are then made exact with
-//! integer remainders (the estimates are off by a few units at most); larger p divides in
-//! integers.
+//! ceil(r * 2^k / p) for p > 0 (inv = 1/p rounded): the smallest c with floor(p c / 2^k) >= r.
+//! Estimated as r 2^k inv in double, then made exact by testing the neighbouring candidates
+//! with mul_floor: the estimate is off by at most one unit while |c| < 2^52 and by at most 2^10
+//! at the edge of the range (|c| < 2^62). A meaningless r (from a function that was not
+//! deterministic, caught by the checksums) gives a meaningless c, never a hang.
 DR2NET_HD_INLINE std::int64_t ceil_div_mul(std::int64_t r, std::int64_t p, double inv) {
   constexpr int k = kCoefficientBits;
   if (p == (std::int64_t{1} << k)) return r;  // |beta| = 1
-  std::int64_t q, rem, frac;
-  const double qd = ::floor(static_cast<double>(r) * inv);
-  if (p <= (std::int64_t{1} << k) && qd > -kLimit && qd < kLimit) {
-    q = static_cast<std::int64_t>(qd);
-    rem = static_cast<std::int64_t>(static_cast<std::uint64_t>(r) - static_cast<std::uint64_t>(q) * static_cast<std::uint64_t>(p));
-    while (rem < 0) {
-      --q;
-      rem += p;
-    }
-    while (rem >= p) {
-      ++q;
-      rem -= p;
-    }
-    const std::int64_t a = rem << k;  // < 2^48
-    frac = static_cast<std::int64_t>(::ceil(static_cast<double>(a) * inv));
-    if (frac * p < a) ++frac;              // the smallest c with c p >= a
-    else if ((frac - 1) * p >= a) --frac;
-  } else {
-    q = r / p;
-    rem = r % p;
-    if (rem < 0) {
-      q -= 1;
-      rem += p;
-    }
-    frac = ((rem << k) + p - 1) / p;  // rem < p <= 2^38: no overflow
-  }
-  return static_cast<std::int64_t>((static_cast<std::uint64_t>(q) << k) + static_cast<std::uint64_t>(frac));
+  const double estimate = static_cast<double>(r) * (inv * static_cast<double>(std::int64_t{1} << k));
+  if (!(estimate > -kLimit && estimate < kLimit)) return static_cast<std::int64_t>(static_cast<std::uint64_t>(r) << k);
+  auto c = static_cast<std::int64_t>(estimate);
+  int steps = 0;
+  while (mul_floor(c, p) < r && steps++ < 4096) ++c;
+  while (mul_floor(c - 1, p) >= r && steps++ < 4096) --c;
+  return c;
 }
 
 //! The side bits of x for the term floor(p x / 2^k) (p <= 2^k, inv = 1/p rounded):
@@ -180,6 +160,15 @@ DR2NET_HD_INLINE std::int64_t quantize(double v, double scale, bool& bad) {
 DR2NET_HD_INLINE std::int64_t wrapping_sum(std::int64_t a, std::int64_t b, std::int64_t c) {
   return static_cast<std::int64_t>(static_cast<std::uint64_t>(a) + static_cast<std::uint64_t>(b) +
                                    static_cast<std::uint64_t>(c));
+}
+
+//! Whether a + b + c, computed modulo 2^64 as `sum`, is exact and below 2^62 in magnitude
+//! (a, b, c each below 2^62): neither partial sum overflowed and the result is in range.
+DR2NET_HD_INLINE bool sum_in_range(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t sum) {
+  const auto ab = static_cast<std::int64_t>(static_cast<std::uint64_t>(a) + static_cast<std::uint64_t>(b));
+  const bool wrapped = ((a ^ ab) & (b ^ ab)) < 0 || ((ab ^ sum) & (c ^ sum)) < 0;
+  constexpr std::int64_t limit = std::int64_t{1} << 62;
+  return !wrapped && sum < limit && sum > -limit;
 }
 
 //! a - b - c modulo 2^64.
