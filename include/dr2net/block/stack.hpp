@@ -60,7 +60,7 @@ enum class StackOutput {
 //! How error-bounded mode places snapshots. What it bounds is the relative reconstruction
 //! error of the *streams* (measured at every snapshot boundary and at h0), not the error of
 //! the gradients: how much a residual function's backward amplifies an error in its input
-//! depends on the function (1-3x for the ViT blocks, 25-580x for a saturating tanh MLP at
+//! depends on the function (1-3x for the ViT blocks, 180-580x for a saturating tanh MLP at
 //! (1, 0.5), bench/gradient_amplification). For gradients that equal standard backprop's, use a
 //! fixed-point policy (exact mode).
 //!
