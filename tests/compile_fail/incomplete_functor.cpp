@@ -1,4 +1,4 @@
-// Compiled by ctest with one member left out; the compiler must name the missing member.
+// Compiled by ctest with one member (or the schedule) left out; the compiler must name what is missing.
 #include "dr2net/dr2net.hpp"
 
 struct Incomplete {
@@ -21,6 +21,11 @@ struct Incomplete {
   void for_each_parameter(V&&) {}
 };
 
+#ifdef DR2NET_MISSING_schedule
+struct NotASchedule {};  // no operator()(step, module)
+using Block = dr2net::ReversibleDualResidual<Incomplete, Incomplete, NotASchedule, dr2net::Fp32>;
+#else
 using Block = dr2net::ReversibleDualResidual<Incomplete, Incomplete, dr2net::ConstantSchedule, dr2net::Fp32>;
+#endif
 Block* instantiate = nullptr;
 static_assert(sizeof(Block) > 0);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "dr2net/dr2net.hpp"
+#include "support/test_functors.hpp"
 
 using namespace dr2net;
 
@@ -63,6 +64,14 @@ TEST_CASE("the memory meter tracks current and peak bytes by category", "[core][
   CHECK(m.peak_total() == 0);
   CHECK_THROWS_WITH(m.remove(MemoryCategory::Gradients, 8), Catch::Contains("gradients"));
   CHECK(m.report().find("saved_activations") != std::string::npos);
+  CHECK(m.report().find("side_bits") != std::string::npos);
+  // Human-readable units, three significant digits: small models do not read "0.00 MiB".
+  CHECK(MemoryMeter::human_bytes(0) == "0 B");
+  CHECK(MemoryMeter::human_bytes(1023) == "1023 B");
+  CHECK(MemoryMeter::human_bytes(1536) == "1.50 KiB");
+  CHECK(MemoryMeter::human_bytes(10 * 1024 * 1024 + 512 * 1024) == "10.5 MiB");
+  CHECK(MemoryMeter::human_bytes(std::size_t{123} << 30) == "123 GiB");
+  CHECK(MemoryMeter::mib(std::size_t{3} << 19) == "1.50 MiB");
 
   HostContext poisoned({.poison_allocations = true});
   auto buf = poisoned.allocate<float>(16, MemoryCategory::Other);
@@ -133,6 +142,24 @@ TEST_CASE("callable schedules and per-module overrides", "[schedule]") {
   CHECK(over(0, 3) == Coefficients{1.0, 0.1});
   CHECK_THROWS_WITH(over.set(-1, {0, 1}), Catch::Contains("negative module"));
   CHECK_THROWS_WITH(over.set(1, {0, std::nan("")}), Catch::Contains("finite"));
+  CHECK(over.max_overridden_module() == -1);
+
+  // An override for a module the stack does not have is refused when the stack is built.
+  using Block = ReversibleDualResidual<dr2net::testing::SineGate<float>, dr2net::testing::SineGate<float>,
+                                       ModuleOverride<ConstantSchedule>, Fp32>;
+  std::mt19937_64 rng(1);
+  auto layers = [&] {
+    std::vector<Block> v;
+    for (int l = 0; l < 2; ++l) v.emplace_back(dr2net::testing::SineGate<float>(4, rng), dr2net::testing::SineGate<float>(4, rng));
+    return v;
+  };
+  HostContext ctx;
+  ModuleOverride<ConstantSchedule> ok(ConstantSchedule(0.0, 1.0)), absent(ConstantSchedule(0.0, 1.0));
+  ok.set(3, {0.5, 0.5});
+  absent.set(4, {0.5, 0.5});
+  CHECK_NOTHROW(ReversibleStack<Block>(ctx, layers(), ok));
+  CHECK_THROWS_WITH(ReversibleStack<Block>(ctx, layers(), absent),
+                    Catch::Contains("overrides module 4") && Catch::Contains("has 4 modules"));
 }
 
 TEST_CASE("precision policies", "[precision]") {

@@ -126,8 +126,11 @@ class ModuleWorkspace {
   buffer_t<Ctx, C> f_, scratch_, in_, gout_, gin_;
 };
 
-template <class F, class G, Schedule ScheduleT, Precision PrecisionT = Fp32>
+template <class F, class G, class ScheduleT, Precision PrecisionT = Fp32>
 class ReversibleDualResidual {
+  static_assert(Schedule<ScheduleT>,
+                "dr2net: ScheduleT is not a schedule: it needs a copy constructor and "
+                "`Coefficients operator()(std::int64_t step, int module) const` (see schedule/coefficients.hpp)");
   static_assert(check_residual_function<F>(), "dr2net: F is not a residual function (see above)");
   static_assert(check_residual_function<G>(), "dr2net: G is not a residual function (see above)");
 

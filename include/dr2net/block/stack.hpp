@@ -138,6 +138,11 @@ class ReversibleStack {
       : ctx_(&ctx), layers_(std::move(layers)), schedule_(std::move(schedule)), options_(std::move(options)) {
     DR2NET_CHECK(!layers_.empty(), "a stack needs at least one layer");
     check_options(options_);
+    if constexpr (requires { schedule_.max_overridden_module(); }) {
+      const int m = schedule_.max_overridden_module();
+      DR2NET_CHECK(m < num_modules(), "the schedule overrides module ", m, " but the stack has ", num_modules(),
+                   " modules (0 to ", num_modules() - 1, ")");
+    }
     error_scale_ = options_.error_bound.initial_error_scale;
     std::size_t bytes = 0;
     for_each_parameter([&](std::string_view, TensorView<compute_type> v, TensorView<compute_type>) {

@@ -4,6 +4,8 @@
 
 #include <array>
 #include <cstddef>
+#include <cstdio>
+#include <iterator>
 #include <string>
 #include <string_view>
 
@@ -85,17 +87,33 @@ class MemoryMeter {
     std::string s;
     for (std::size_t i = 0; i < kMemoryCategoryCount; ++i) {
       s += std::string(category_name(static_cast<MemoryCategory>(i))) + ": current " +
-           mib(current_[i]) + ", peak " + mib(peak_[i]) + "\n";
+           human_bytes(current_[i]) + ", peak " + human_bytes(peak_[i]) + "\n";
     }
-    s += "activation: current " + mib(activation_) + ", peak " + mib(peak_activation_) + "\n";
-    s += "total: current " + mib(total_) + ", peak " + mib(peak_total_) + "\n";
+    s += "activation: current " + human_bytes(activation_) + ", peak " + human_bytes(peak_activation_) + "\n";
+    s += "total: current " + human_bytes(total_) + ", peak " + human_bytes(peak_total_) + "\n";
     return s;
   }
-
+  //! Bytes in the largest unit that keeps the number at least 1, three significant digits:
+  //! "512 B", "1.50 KiB", "10.0 MiB", "123 GiB".
+  static std::string human_bytes(std::size_t bytes) {
+    static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = static_cast<double>(bytes);
+    std::size_t u = 0;
+    while (v >= 1024.0 && u + 1 < std::size(kUnits)) {
+      v /= 1024.0;
+      ++u;
+    }
+    if (u == 0) return std::to_string(bytes) + " B";
+    char buf[32];
+    const int decimals = v < 10 ? 2 : v < 100 ? 1 : 0;
+    std::snprintf(buf, sizeof buf, "%.*f %s", decimals, v, kUnits[u]);
+    return buf;
+  }
+  //! Bytes in MiB with two decimals.
   static std::string mib(std::size_t bytes) {
-    const double m = static_cast<double>(bytes) / (1024.0 * 1024.0);
-    std::string s = std::to_string(m);
-    return s.substr(0, s.find('.') + 3) + " MiB";
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(bytes) / (1024.0 * 1024.0));
+    return buf;
   }
 
  private:

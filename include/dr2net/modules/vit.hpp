@@ -21,11 +21,11 @@
 namespace dr2net {
 
 //! One pretrained ViT block as a Dr²Net layer, computing in T.
-template <class T, Schedule ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
+template <class T, class ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
 using VitLayer = ReversibleDualResidual<VitAttention<T>, VitMlp<T>, ScheduleT, PrecisionT>;
 
 //! timm's name for the same thing.
-template <class T, Schedule ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
+template <class T, class ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
 using VitBlock = VitLayer<T, ScheduleT, PrecisionT>;
 
 //! How the drop-path rate is spread over the layers.
@@ -54,7 +54,7 @@ inline double vit_drop_path_rate(const VitLayerConfig& config, int layer, int nu
 
 //! `num_layers` ViT layers with weights initialised as timm does, layer i from
 //! mix_seed(seed, i). Load pretrained tensors afterwards with f().load / g().load.
-template <class T, Schedule ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
+template <class T, class ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
 std::vector<VitLayer<T, ScheduleT, PrecisionT>> make_vit_layers(int num_layers, const VitLayerConfig& config,
                                                                 std::uint64_t seed = 0) {
   DR2NET_CHECK(num_layers > 0, "make_vit_layers: the number of layers must be positive, got ", num_layers);
@@ -71,7 +71,7 @@ std::vector<VitLayer<T, ScheduleT, PrecisionT>> make_vit_layers(int num_layers, 
 }
 
 //! Shorthand: drop-path rate spread linearly as timm does, no dropout.
-template <class T, Schedule ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
+template <class T, class ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
 std::vector<VitLayer<T, ScheduleT, PrecisionT>> make_vit_layers(int num_layers, std::int64_t dim,
                                                                 std::int64_t num_heads, std::int64_t hidden,
                                                                 double eps = 1e-6, double drop_path = 0.0,

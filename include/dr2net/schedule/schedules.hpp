@@ -137,6 +137,8 @@ class ModuleOverride {
     return base_(step, module);
   }
   const Base& base() const { return base_; }
+  //! The largest module index given an override, or -1 (a stack checks it against its size).
+  int max_overridden_module() const { return fixed_.empty() ? -1 : fixed_.rbegin()->first; }
 
  private:
   Base base_;

@@ -23,13 +23,13 @@
 namespace dr2net {
 
 //! One pretrained ViT block as a Dr²Net layer on the device, computing in T.
-template <class T, Schedule ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
+template <class T, class ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
 using CudaVitLayer = ReversibleDualResidual<CudaVitAttention<T>, CudaVitMlp<T>, ScheduleT, PrecisionT>;
 
 //! `num_layers` device ViT layers initialised as make_vit_layers initialises them (layer i
 //! from mix_seed(seed, i), drop-path rates spread by config.drop_path_rule). GEMMs may use
 //! TF32 when PrecisionT::allow_tf32.
-template <class T, Schedule ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
+template <class T, class ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
 std::vector<CudaVitLayer<T, ScheduleT, PrecisionT>> make_cuda_vit_layers(CudaContext& ctx, int num_layers,
                                                                          const VitLayerConfig& config,
                                                                          std::uint64_t seed = 0) {
@@ -50,7 +50,7 @@ std::vector<CudaVitLayer<T, ScheduleT, PrecisionT>> make_cuda_vit_layers(CudaCon
 }
 
 //! Shorthand: drop-path rate spread linearly as timm does, no dropout.
-template <class T, Schedule ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
+template <class T, class ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>>
 std::vector<CudaVitLayer<T, ScheduleT, PrecisionT>> make_cuda_vit_layers(CudaContext& ctx, int num_layers,
                                                                          std::int64_t dim, std::int64_t num_heads,
                                                                          std::int64_t hidden, double eps = 1e-6,
@@ -61,7 +61,7 @@ std::vector<CudaVitLayer<T, ScheduleT, PrecisionT>> make_cuda_vit_layers(CudaCon
 
 //! Device copies of host ViT layers (configuration and parameters, converted to T): a host
 //! stack and a device stack built from the same layers compute the same function.
-template <class T, Schedule ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>, class U, class HostPrecision>
+template <class T, class ScheduleT, Precision PrecisionT = PrecisionPolicy<T, T, T>, class U, class HostPrecision>
 std::vector<CudaVitLayer<T, ScheduleT, PrecisionT>> cuda_vit_layers_from(
     CudaContext& ctx, const std::vector<VitLayer<U, ScheduleT, HostPrecision>>& host) {
   const CudaFunctionOptions options{PrecisionT::allow_tf32};
