@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "dr2net/core/config.hpp"
 #include "dr2net/core/fixed_point.hpp"
@@ -194,6 +195,18 @@ struct InputGradient {
     const A v = static_cast<A>(gx[i]) + static_cast<A>(gy[i]);
     flag_if_not_finite(flag, v);
     dh0[i] = static_cast<V>(v);
+  }
+};
+
+//! Sets *flag when an element is NaN or infinite: the parameter gradients' check (16-bit
+//! compute types widen through float).
+template <class T>
+struct FlagNotFinite {
+  const T* p;
+  std::uint32_t* flag;
+  DR2NET_HD_INLINE void operator()(std::size_t i) const {
+    if constexpr (std::is_floating_point_v<T>) flag_if_not_finite(flag, p[i]);
+    else flag_if_not_finite(flag, static_cast<float>(p[i]));
   }
 };
 

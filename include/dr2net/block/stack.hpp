@@ -297,7 +297,7 @@ class ReversibleStack {
   using V = value_type;
   enum class State { Idle, Forwarded, BackwardDone };
   //! Stack-level check flags after the modules' (kModuleFlagCount per module).
-  enum StackFlag : int { kFlagInput = 0, kFlagOutput, kFlagDout, kFlagDh0, kStackFlagCount };
+  enum StackFlag : int { kFlagInput = 0, kFlagOutput, kFlagDout, kFlagDh0, kFlagParameterGradients, kStackFlagCount };
 
   static void check_options(const StackOptions& o) {
     DR2NET_CHECK(o.min_abs_beta > 0, "min_abs_beta must be positive, got ", o.min_abs_beta);
@@ -420,19 +420,21 @@ class ReversibleStack {
       }
     }
     DR2NET_CHECK(!(check && stack_flag(f, kFlagDh0)), "dh0 (the gradient of the stack input) is not finite", at);
-    if (check) {
+    if (check && stack_flag(f, kFlagParameterGradients)) {  // only now: name them
       const std::string grads = bad_parameters(-1, true);
-      DR2NET_CHECK(grads.empty(), "non-finite parameter gradients", at, ": ", grads);
+      DR2NET_FAIL("non-finite parameter gradients", at, ": ", grads);
     }
   }
 
-  //! max |a - sa|, |b - sb| relative to max |sa|, |sb| over n elements (infinite when NaN).
-  double relative_error(const S* a, const S* sa, const S* b, const S* sb, std::size_t n) {
-    const auto [ea, ma] = max_abs_diff_and_max(*ctx_, a, sa, n);
-    const auto [eb, mb] = max_abs_diff_and_max(*ctx_, b, sb, n);
-    if (std::isnan(ea) || std::isnan(eb)) return std::numeric_limits<double>::infinity();
+  //! max |a - ra|, |b - rb| over n elements (NaN when any difference is NaN), and that relative
+  //! to max |ra|, |rb|: the monitor's one comparison of two reconstructed streams with references.
+  template <class T>
+  std::pair<double, double> compare_streams(const S* a, const T* ra, const S* b, const T* rb, std::size_t n) {
+    const auto [ea, ma] = max_abs_diff_and_max(*ctx_, a, ra, n);
+    const auto [eb, mb] = max_abs_diff_and_max(*ctx_, b, rb, n);
+    const double e = (std::isnan(ea) || std::isnan(eb)) ? std::numeric_limits<double>::quiet_NaN() : std::max(ea, eb);
     const double mag = std::max(ma, mb);
-    return mag > 0 ? std::max(ea, eb) / mag : std::max(ea, eb);
+    return {e, mag > 0 ? e / mag : e};
   }
 
   //! The rounding unit of the planning model. With wider streams than compute (fp64 streams,
@@ -687,7 +689,8 @@ class ReversibleStack {
       if (slot >= 0) {  // boundary m has an exact copy: measure what reconstruction made of it, then restore
         const auto sx = snapshot_view(slot, 0), sy = snapshot_view(slot, 1);
         if (reconstruct) {
-          const double rel = relative_error(x.data(), sx.data(), y.data(), sy.data(), n);
+          double rel = compare_streams(x.data(), sx.data(), y.data(), sy.data(), n).second;
+          if (std::isnan(rel)) rel = std::numeric_limits<double>::infinity();  // survives the max below
           measured.emplace_back(rel, amplification);
           ++report.measured_boundaries;
           report.max_boundary_relative_error =
@@ -700,6 +703,10 @@ class ReversibleStack {
     }
     for_each_index(*ctx_, n, InputGradient<V, A>{dh0.data(), gx.data(), gy.data(),
                                                  check ? stack_flags + kFlagDh0 : nullptr});
+    if (check)  // one read of each parameter gradient, no wait: the flags are read once below
+      for_each_parameter([&](std::string_view, TensorView<C>, TensorView<C> g) {
+        for_each_index(*ctx_, g.size(), FlagNotFinite<C>{g.data(), stack_flags + kFlagParameterGradients});
+      });
     if (forward_mode_ != BackpropMode::Standard && std::abs(coefficients(step_, 0).beta) >= options_.min_abs_beta) {
       if constexpr (exact) {
         if (checksum) {  // every boundary matched its checksum, h0 included (modules 0 and 1)
@@ -731,11 +738,9 @@ class ReversibleStack {
   void measure_input(ReconstructionReport& report, ConstView<V> h0) {
     if constexpr (!exact) {
       const auto n = static_cast<std::size_t>(shape_.numel());
-      double ex = 0, ey = 0, mag = 0;
+      std::pair<double, double> e;
       if (h0.data() != nullptr) {
-        const auto [dx, mx] = max_abs_diff_and_max(*ctx_, x_.data(), h0.data(), n);
-        const auto [dy, my] = max_abs_diff_and_max(*ctx_, y_.data(), h0.data(), n);
-        ex = dx, ey = dy, mag = std::max(mx, my);
+        e = compare_streams(x_.data(), h0.data(), y_.data(), h0.data(), n);
         report.input_compared = true;
         report.compared_elements = n;
       } else if (sample_count_ > 0) {
@@ -744,17 +749,15 @@ class ReversibleStack {
         S* const sy = sx + sample_count_;
         for_each_index(*ctx_, sample_count_, StridedGather<S>{sx, x_.data(), sample_stride_});
         for_each_index(*ctx_, sample_count_, StridedGather<S>{sy, y_.data(), sample_stride_});
-        const auto [dx, mx] = max_abs_diff_and_max(*ctx_, sx, kept, sample_count_);
-        const auto [dy, my] = max_abs_diff_and_max(*ctx_, sy, kept, sample_count_);
-        ex = dx, ey = dy, mag = std::max(mx, my);
+        e = compare_streams(sx, kept, sy, kept, sample_count_);
         report.sampled = true;
         report.compared_elements = sample_count_;
       } else {
         return;  // nothing to compare with: "not measured"
       }
       report.measured = true;
-      report.max_abs_error = (std::isnan(ex) || std::isnan(ey)) ? std::numeric_limits<double>::quiet_NaN() : std::max(ex, ey);
-      report.relative_error = mag > 0 ? report.max_abs_error / mag : report.max_abs_error;
+      report.max_abs_error = e.first;
+      report.relative_error = e.second;
     } else {
       (void)report;
       (void)h0;
