@@ -3,6 +3,13 @@
 //! The fused elementwise passes of a Dr²Net module, written once for host and device.
 //! Each kernel functor is applied as `k(i)` for every element i by a backend's
 //! for_each_index(); the arithmetic is in the precision policy's accumulate type.
+//!
+//! Template parameters, throughout: S the stream element type (PrecisionPolicy::stream_type),
+//! C the compute type of residual-function outputs (compute_type), A the accumulate type
+//! (accumulate_type), V the policy's value type (the stack's input, output and stream-gradient
+//! type). Pointers are host or device memory as the backend requires; every buffer holds at
+//! least the element count the pass is launched over, and no call operator checks bounds or
+//! aliasing beyond what its comment allows (in-place buffers are named in:/out:).
 
 #include <cstddef>
 #include <cstdint>
@@ -29,8 +36,13 @@ struct ForwardCombine {
   S* x;        //!< in: x_{i-1}; out: y_i
   const S* y;  //!< y_{i-1} = x_i
   const C* f;  //!< F(y_{i-1})
+  //! \var alpha
+  //! \brief alpha_i, weight of y_{i-1} (the pretrained residual), in the accumulate type.
+  //! \var beta
+  //! \brief beta_i, weight of x_{i-1} (the reversible residual), in the accumulate type.
   A alpha, beta;
   std::uint32_t* flag = nullptr;  //!< set when y_i is not finite (null: no check)
+  //! Computes element i of y_i and stores it, converted to S, over x[i].
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     const A v = alpha * static_cast<A>(y[i]) + static_cast<A>(f[i]) + beta * static_cast<A>(x[i]);
     flag_if_not_finite(flag, v);
@@ -45,7 +57,12 @@ template <class S, class A>
 struct ForwardPreCombine {
   S* x;        //!< in: x_{i-1}; out: alpha y_{i-1} + beta x_{i-1}
   const S* y;  //!< y_{i-1}
+  //! \var alpha
+  //! \brief alpha_i, weight of y_{i-1}, in the accumulate type.
+  //! \var beta
+  //! \brief beta_i, weight of x_{i-1}, in the accumulate type.
   A alpha, beta;
+  //! x[i] <- alpha * y[i] + beta * x[i] for element i (this pass has no finiteness flag).
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     x[i] = static_cast<S>(alpha * static_cast<A>(y[i]) + beta * static_cast<A>(x[i]));
   }
@@ -58,7 +75,14 @@ struct InverseCombine {
   S* y;        //!< in: y_i; out: x_{i-1}
   const S* x;  //!< x_i = y_{i-1}
   const C* f;  //!< F(x_i)
+  //! \var alpha
+  //! \brief alpha_i of the module being inverted, in the accumulate type.
+  //! \var beta
+  //! \brief beta_i of the module being inverted; divided by unguarded, so it must be nonzero
+  //! (the stack reconstructs only modules with |beta| >= StackOptions::min_abs_beta).
   A alpha, beta;
+  //! Reconstructs element i of x_{i-1} and stores it over y[i] (no finiteness flag: the
+  //! reconstruction monitor measures the result).
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     y[i] = static_cast<S>((static_cast<A>(y[i]) - alpha * static_cast<A>(x[i]) - static_cast<A>(f[i])) / beta);
   }
@@ -77,8 +101,15 @@ struct BackwardCombine {
   S* y;         //!< Reconstruct only: in y_i, out x_{i-1}
   const S* x;   //!< Reconstruct only: x_i
   const C* f;   //!< Reconstruct only: F(x_i)
+  //! \var alpha
+  //! \brief alpha_i of the module, in the accumulate type.
+  //! \var beta
+  //! \brief beta_i of the module, in the accumulate type; must be nonzero with Reconstruct
+  //! (the inverse divides by it).
   A alpha, beta;
   std::uint32_t* flag = nullptr;  //!< set when dL/dy_{i-1} is not finite (null: no check)
+  //! Updates gx[i] and gy[i] (and with Reconstruct, y[i]) for element i; gy[i] is read
+  //! before either gradient is written, so the two buffers must not alias.
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     const A g = static_cast<A>(gy[i]);
     A gxi = static_cast<A>(gx[i]) + alpha * g;
@@ -95,26 +126,29 @@ struct BackwardCombine {
 //! dst = src, converting between stream and compute types.
 template <class From, class To>
 struct ConvertCopy {
-  To* dst;
-  const From* src;
+  To* dst;          //!< destination, in the target type
+  const From* src;  //!< source; must not overlap dst unless From and To are the same type
+  //! dst[i] = static_cast<To>(src[i]): the types' own conversion, without a range check.
   DR2NET_HD_INLINE void operator()(std::size_t i) const { dst[i] = static_cast<To>(src[i]); }
 };
 
 //! dst = value
 template <class T>
 struct Fill {
-  T* dst;
-  T value;
+  T* dst;   //!< buffer to overwrite
+  T value;  //!< value every element receives (zero, to clear an accumulating gradient)
+  //! dst[i] = value.
   DR2NET_HD_INLINE void operator()(std::size_t i) const { dst[i] = value; }
 };
 
 //! dst = a * (u + v): the stack's input gradient gx_0 + gy_0 (a = 1) and mean output (a = 1/2).
 template <class S, class A>
 struct ScaledSum {
-  S* dst;
-  const S* u;
-  const S* v;
-  A a;
+  S* dst;      //!< result; may be u or v itself (each element is read before it is written)
+  const S* u;  //!< first addend (gx_0, or x_N)
+  const S* v;  //!< second addend (gy_0, or y_N)
+  A a;         //!< scale applied to the sum, in the accumulate type
+  //! dst[i] = a * (u[i] + v[i]), summed and scaled in A.
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     dst[i] = static_cast<S>(a * (static_cast<A>(u[i]) + static_cast<A>(v[i])));
   }
@@ -123,9 +157,10 @@ struct ScaledSum {
 //! dst = a * src
 template <class S, class A>
 struct Scale {
-  S* dst;
-  const S* src;
-  A a;
+  S* dst;        //!< result; may be src itself (in-place scaling)
+  const S* src;  //!< input
+  A a;           //!< factor, in the accumulate type
+  //! dst[i] = a * src[i], multiplied in A.
   DR2NET_HD_INLINE void operator()(std::size_t i) const { dst[i] = static_cast<S>(a * static_cast<A>(src[i])); }
 };
 
@@ -133,10 +168,12 @@ struct Scale {
 //! when an element of h0 is not finite or, for fixed point, is outside the range.
 template <class S, class V>
 struct InitStreams {
-  S* x;
-  S* y;
-  const V* h0;
-  std::uint32_t* flag = nullptr;
+  S* x;          //!< out: x_0, the first stream (A)
+  S* y;          //!< out: y_0, the second stream (B)
+  const V* h0;   //!< the stack's input, in the policy's value type
+  std::uint32_t* flag = nullptr;  //!< set when h0 is not finite or not representable (null: no check)
+  //! Writes element i of both streams from h0[i]. A fixed-point element that cannot be
+  //! represented is stored as 0 and flagged.
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     if constexpr (is_fixed_point_v<S>) {
       bool bad = false;
@@ -155,11 +192,12 @@ struct InitStreams {
 //! The stack's output: out = y_N, or (x_N + y_N) / 2 with `mean`; checked for finiteness.
 template <class S, class V, class A>
 struct StackOutputPass {
-  V* out;
-  const S* x;
-  const S* y;
-  bool mean;
-  std::uint32_t* flag = nullptr;
+  V* out;        //!< the stack's output, in the policy's value type
+  const S* x;    //!< x_N (read only with `mean`)
+  const S* y;    //!< y_N
+  bool mean;     //!< false: out = y_N (StackOutput::LastStream); true: out = (x_N + y_N) / 2
+  std::uint32_t* flag = nullptr;  //!< set when an output element is not finite (null: no check)
+  //! Writes out[i], computed in A.
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     const A v = mean ? A(0.5) * (static_cast<A>(x[i]) + static_cast<A>(y[i])) : static_cast<A>(y[i]);
     flag_if_not_finite(flag, v);
@@ -171,11 +209,12 @@ struct StackOutputPass {
 //! mean of the streams; checked for finiteness.
 template <class V, class A>
 struct InitGradients {
-  V* gx;
-  V* gy;
-  const V* dout;
-  bool mean;
-  std::uint32_t* flag = nullptr;
+  V* gx;          //!< out: gx_N = dL/dx_N
+  V* gy;          //!< out: gy_N = dL/dy_N
+  const V* dout;  //!< dL/d(stack output), as the caller passed it to backward
+  bool mean;      //!< the forward's output was the mean of the streams (see StackOutputPass)
+  std::uint32_t* flag = nullptr;  //!< set when dout is not finite (null: no check)
+  //! Writes element i of both gradient buffers from dout[i].
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     const A d = static_cast<A>(dout[i]);
     flag_if_not_finite(flag, d);
@@ -187,10 +226,11 @@ struct InitGradients {
 //! The backward's last pass: dh0 = gx_0 + gy_0; checked for finiteness.
 template <class V, class A>
 struct InputGradient {
-  V* dh0;
-  const V* gx;
-  const V* gy;
-  std::uint32_t* flag = nullptr;
+  V* dh0;        //!< out: dL/dh0, the stack's input gradient (may be gx or gy itself)
+  const V* gx;   //!< gx_0 = dL/dx_0 after the last module's backward
+  const V* gy;   //!< gy_0 = dL/dy_0 after the last module's backward
+  std::uint32_t* flag = nullptr;  //!< set when dL/dh0 is not finite (null: no check)
+  //! dh0[i] = gx[i] + gy[i], summed in A (x_0 and y_0 are both h0).
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     const A v = static_cast<A>(gx[i]) + static_cast<A>(gy[i]);
     flag_if_not_finite(flag, v);
@@ -202,8 +242,9 @@ struct InputGradient {
 //! compute types widen through float).
 template <class T>
 struct FlagNotFinite {
-  const T* p;
-  std::uint32_t* flag;
+  const T* p;            //!< the values checked (a parameter-gradient tensor)
+  std::uint32_t* flag;   //!< set to 1 when any p[i] is NaN or infinite (null: no check)
+  //! Checks p[i]; writes nothing else.
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     if constexpr (std::is_floating_point_v<T>) flag_if_not_finite(flag, p[i]);
     else flag_if_not_finite(flag, static_cast<float>(p[i]));
@@ -213,18 +254,19 @@ struct FlagNotFinite {
 //! dst[j] = src[j * stride]: the monitor's sample of a stream.
 template <class T>
 struct StridedGather {
-  T* dst;
-  const T* src;
-  std::size_t stride;
+  T* dst;              //!< the sample, one element per work item j
+  const T* src;        //!< the stream sampled; count work items read up to src[(count - 1) * stride]
+  std::size_t stride;  //!< distance in elements between sampled elements (>= 1)
+  //! dst[j] = src[j * stride].
   DR2NET_HD_INLINE void operator()(std::size_t j) const { dst[j] = src[j * stride]; }
 };
 
 //! Where a fixed-point module keeps the bits its beta-term loses: `width` bits per element,
 //! `per_word` elements to a 64-bit word, none straddling two words. Empty: nothing kept.
 struct SideBits {
-  std::uint64_t* words = nullptr;
-  int width = 0;
-  int per_word = 1;
+  std::uint64_t* words = nullptr;  //!< ceil(n / per_word) words of the module's side bits; null: none kept
+  int width = 0;                   //!< bits per element, fixed::side_bit_width(p) of the module's beta
+  int per_word = 1;                //!< elements per word, fixed::elements_per_word(width)
 };
 
 //! Forward of one module over fixed-point streams, in place over the x stream, one work item
@@ -236,10 +278,16 @@ struct FixedForwardCombine {
   S* x;        //!< in: X_{i-1}; out: Y_i
   const S* y;  //!< Y_{i-1}
   const C* f;  //!< F(deq Y_{i-1})
+  //! \var alpha
+  //! \brief alpha_i on the coefficient grid (fixed::quantize_coefficient).
+  //! \var beta
+  //! \brief beta_i on the coefficient grid; the side bits are those of its term B.
   fixed::Coefficient alpha, beta;
   SideBits side;  //!< words == nullptr: keep nothing (standard mode, or beta needs no bits)
-  std::size_t n;
-  std::uint32_t* flag;
+  std::size_t n;  //!< elements of each stream; the last work item covers the remainder
+  std::uint32_t* flag;  //!< set when f is not finite or the range is left; may be null
+  //! Computes the elements of work item w (elements w * per_word up to n) and stores their
+  //! side-bit word side.words[w]. Launch over ceil(n / side.per_word) work items.
   DR2NET_HD_INLINE void operator()(std::size_t w) const {
     const std::size_t per = static_cast<std::size_t>(side.per_word);
     const std::size_t begin = w * per, end = begin + per < n ? begin + per : n;
@@ -282,10 +330,16 @@ struct FixedInverseCombine {
   S* y;        //!< in: Y_i; out: X_{i-1}
   const S* x;  //!< X_i = Y_{i-1}
   const C* f;  //!< F(deq X_i)
+  //! \var alpha
+  //! \brief alpha_i on the coefficient grid, as the forward used it.
+  //! \var beta
+  //! \brief beta_i on the coefficient grid, as the forward used it; p > 0 (invertible).
   fixed::Coefficient alpha, beta;
-  SideBits side;
-  std::size_t n;
-  std::uint32_t* flag;
+  SideBits side;  //!< the side bits the forward kept, same width; words == nullptr when width is 0
+  std::size_t n;  //!< elements of each stream; the last work item covers the remainder
+  std::uint32_t* flag;  //!< set when f is not finite; may be null
+  //! Reconstructs the elements of work item w (elements w * per_word up to n) from the
+  //! side-bit word side.words[w]. Launch over ceil(n / side.per_word) work items.
   DR2NET_HD_INLINE void operator()(std::size_t w) const {
     const std::size_t per = static_cast<std::size_t>(side.per_word);
     const std::size_t begin = w * per, end = begin + per < n ? begin + per : n;

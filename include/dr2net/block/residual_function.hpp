@@ -18,7 +18,7 @@
 //!                 ConstView<T> grad_out, TensorView<T> grad_in);
 //!       grad_in += J_F(in)^T grad_out, and every parameter gradient += its share. It
 //!       accumulates: it never overwrites grad_in or the parameter gradients.
-//!   template <class V> void for_each_parameter(V&& visit);
+//!   `template <class V> void for_each_parameter(V&& visit);`
 //!       Calls visit(std::string_view name, TensorView<T> value, TensorView<T> grad) for every
 //!       parameter, so optimizers, clipping and all-reduce need not know the function's type.
 //!
@@ -88,6 +88,8 @@ struct ParameterVisitorArchetype {
 
 }  // namespace detail
 
+//! The backend context type F runs on: F::context_type when F declares one, else HostContext.
+//! ModuleCall<context_type_t<F>> is what F's members receive.
 template <class F>
 using context_type_t = typename detail::context_of<F>::type;
 
@@ -95,34 +97,42 @@ using context_type_t = typename detail::context_of<F>::type;
 //! backend declares by specialising this trait (a device backend's bf16 and fp16 types).
 template <class T>
 struct is_compute_type : std::is_floating_point<T> {};
+//! is_compute_type<T>::value: whether a residual function may declare `value_type = T`.
 template <class T>
 inline constexpr bool is_compute_type_v = is_compute_type<T>::value;
 
 // One concept per requirement, so a failed check can say which member is missing.
 
+//! F declares `using value_type = T;` with T a compute type (is_compute_type_v).
 template <class F>
 concept HasFloatingValueType = is_compute_type_v<typename detail::value_type_of<F>::type>;
 
+//! F has `saved_elements(const Shape&) const` returning a size (its scratch, in elements of T).
 template <class F, class T = typename detail::value_type_of<F>::type>
 concept HasSavedElements = requires(const F& f, const Shape& s) {
   { f.saved_elements(s) } -> std::convertible_to<std::size_t>;
 };
 
+//! F has `forward(const ModuleCall<C>&, ConstView<T> in, TensorView<T> out, TensorView<T> scratch)`.
 template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
 concept HasForward = requires(F& f, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> out) {
   f.forward(call, in, out, out);
 };
 
+//! F has `recompute(const ModuleCall<C>&, ConstView<T> in, TensorView<T> out, TensorView<T> saved)`.
 template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
 concept HasRecompute = requires(F& f, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> out) {
   f.recompute(call, in, out, out);
 };
 
+//! F has `backward(const ModuleCall<C>&, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
+//! TensorView<T> grad_in)`.
 template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
 concept HasBackward = requires(F& f, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> gin) {
   f.backward(call, in, in, in, gin);
 };
 
+//! F has `for_each_parameter(visit)` calling visit(std::string_view, TensorView<T>, TensorView<T>).
 template <class F, class T = typename detail::value_type_of<F>::type>
 concept HasParameters = requires(F& f, detail::ParameterVisitorArchetype<T> v) { f.for_each_parameter(v); };
 

@@ -16,6 +16,9 @@ namespace dr2net {
 //! Raised for every misuse and every failed runtime check in dr2net.
 class Error : public std::runtime_error {
  public:
+  //! Builds the error for message `what` raised at `file`:`line`; what() then reads
+  //! "dr2net: <what> [<file>:<line>]". Normally raised through DR2NET_CHECK or DR2NET_FAIL,
+  //! which pass `__FILE__` and `__LINE__`.
   Error(std::string what, const char* file, int line)
       : std::runtime_error("dr2net: " + what + " [" + file + ":" + std::to_string(line) + "]"),
         detail_(std::move(what)) {}

@@ -35,11 +35,13 @@ namespace dr2net {
 template <int FracBits = 32>
 struct FixedPoint {
   static_assert(FracBits >= 8 && FracBits <= 52, "dr2net: FixedPoint needs 8 to 52 fractional bits");
-  static constexpr int frac_bits = FracBits;
+  static constexpr int frac_bits = FracBits;  //!< fractional bits: the value's resolution is 2^-frac_bits
   //! 2^FracBits and its inverse, exact in double.
   static constexpr double scale = static_cast<double>(std::uint64_t{1} << FracBits);
-  static constexpr double inverse_scale = 1.0 / scale;
+  static constexpr double inverse_scale = 1.0 / scale;  //!< 2^-FracBits, exact in double
 
+  //! The stored integer, value * 2^FracBits; |raw| < 2^62 for every valid stream element
+  //! (see fixed::kLimit). Aggregate-initialised: `FixedPoint<32>{raw}`.
   std::int64_t raw;
 
   //! The value as a floating type (rounded once, to nearest, through double).
@@ -50,13 +52,19 @@ struct FixedPoint {
   }
 };
 
+//! Whether T is a FixedPoint stream element, of any FracBits (false_type here).
 template <class T>
 struct is_fixed_point : std::false_type {};
+//! Every FixedPoint specialisation is a fixed-point stream element (true_type).
 template <int B>
 struct is_fixed_point<FixedPoint<B>> : std::true_type {};
+//! is_fixed_point<T>::value; selects the exact (integer) paths of the combines and the stack.
 template <class T>
 inline constexpr bool is_fixed_point_v = is_fixed_point<T>::value;
 
+//! The integer arithmetic of fixed-point streams (see the file comment): coefficients on a
+//! 2^-24 grid, floor-rounded terms, their exact inverse with side bits, and range checks
+//! done modulo 2^64 so that bad data never causes undefined behaviour.
 namespace fixed {
 
 //! Coefficients are multiples of 2^-kCoefficientBits.

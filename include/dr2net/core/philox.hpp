@@ -32,12 +32,12 @@ namespace dr2net {
 
 //! Four 32-bit words: a Philox counter or one output block.
 struct PhiloxBlock {
-  std::uint32_t v[4];
+  std::uint32_t v[4];  //!< words 0..3; as a counter: {index/4 low, index/4 high, module*8 + purpose, step low}
 };
 
 //! The two 32-bit words of a Philox4x32 key.
 struct PhiloxKey {
-  std::uint32_t v[2];
+  std::uint32_t v[2];  //!< {seed low 32 bits, seed high 32 bits ^ step high 32 bits}
 };
 
 namespace detail {
@@ -90,7 +90,7 @@ inline constexpr std::uint32_t kMaxRandomModule = (1u << 29) - 1;
 
 //! Everything but the index: one module's draw for one purpose at one step.
 struct PhiloxStream {
-  PhiloxKey key;
+  PhiloxKey key;                 //!< from the seed and the step's high bits (see the file comment)
   std::uint32_t module_purpose;  //!< counter word 2
   std::uint32_t step_low;        //!< counter word 3
 

@@ -72,6 +72,8 @@ enum class GuardAction {
              //!< gradients kept for that purpose (one stream and one gradient set more memory)
 };
 
+//! The action's lower-case name for logs and JSON: "throw", "warn" or "fallback"
+//! ("unknown" for a value outside the enumeration).
 inline constexpr std::string_view guard_action_name(GuardAction a) {
   switch (a) {
     case GuardAction::Throw: return "throw";
@@ -86,7 +88,7 @@ struct ReconstructionGuard {
   //! Largest acceptable worst relative reconstruction error of the streams (ReconstructionReport::
   //! worst_relative_error). Exact mode never needs it: a mismatch there is always an error.
   double max_relative_error = 1e-4;
-  GuardAction action = GuardAction::Throw;
+  GuardAction action = GuardAction::Throw;  //!< what happens on an error above the threshold or not finite
   //! Receives the message under GuardAction::Warn; empty: print it to stderr.
   std::function<void(std::string_view)> warn{};
 };

@@ -17,15 +17,21 @@
 
 namespace dr2net::optim {
 
+//! The warmup-cosine learning rate of the file comment, as a function of the 0-based step.
+//! Pure and cheap: call it every step and pass the result to the optimizer (optim::AdamW::set_lr).
 class WarmupCosine {
  public:
+  //! The schedule's parameters (W, T, base and min of the file comment).
   struct Options {
     double base_lr = 1e-3;          //!< the peak learning rate, reached at the end of warmup
-    std::int64_t warmup_steps = 0;  //!< W
+    std::int64_t warmup_steps = 0;  //!< W: steps of linear warmup (0: none); must be below total_steps
     std::int64_t total_steps = 1;   //!< T: the step at which the decay reaches min_lr
     double min_lr = 0.0;            //!< the floor of the decay
   };
 
+  //! Validates and keeps `o`. Throws dr2net::Error, naming the option and its value, unless
+  //! base_lr is finite and positive, 0 <= min_lr <= base_lr, total_steps > 0 and
+  //! 0 <= warmup_steps < total_steps.
   explicit WarmupCosine(Options o) : o_(o) {
     DR2NET_CHECK(std::isfinite(o.base_lr) && o.base_lr > 0, "warmup-cosine schedule: base_lr must be positive, got ",
                  o.base_lr);
@@ -36,7 +42,7 @@ class WarmupCosine {
                  o.warmup_steps, " must lie in [0, total_steps = ", o.total_steps, ")");
   }
 
-  //! The learning rate of `step` (0-based).
+  //! The learning rate of `step` (0-based); throws dr2net::Error for a negative step.
   double operator()(std::int64_t step) const {
     DR2NET_CHECK(step >= 0, "warmup-cosine schedule: negative step ", step);
     if (step < o_.warmup_steps)
@@ -46,6 +52,7 @@ class WarmupCosine {
     return o_.min_lr + (o_.base_lr - o_.min_lr) * 0.5 * (1.0 + std::cos(std::numbers::pi * t));
   }
 
+  //! The options the schedule was built with.
   const Options& options() const noexcept { return o_; }
 
  private:

@@ -20,15 +20,17 @@ namespace dr2net {
 //! stream type itself here.
 template <class Stream, class Compute, class Accumulate, bool AllowTf32 = false>
 struct PrecisionPolicy {
-  using stream_type = Stream;
-  using compute_type = Compute;
-  using accumulate_type = Accumulate;
-  using value_type = Stream;
+  using stream_type = Stream;          //!< element type of the streams x, y and their gradients
+  using compute_type = Compute;        //!< the residual functions' `value_type`; F's input is converted to it
+  using accumulate_type = Accumulate;  //!< type in which the fused combine passes do their arithmetic
+  using value_type = Stream;           //!< the stack's input, output and stream-gradient type (= Stream)
   //! Whether device GEMMs may use TF32 tensor cores for fp32 compute.
   static constexpr bool allow_tf32 = AllowTf32;
 };
 
+//! fp64 everywhere: the reference precision, smallest reconstruction error of the floating policies.
 using Fp64 = PrecisionPolicy<double, double, double>;
+//! fp32 everywhere, TF32 off (unit roundoff 2^-24).
 using Fp32 = PrecisionPolicy<float, float, float>;
 //! fp64 streams and combine arithmetic, fp32 residual functions.
 using Fp64StreamsFp32Compute = PrecisionPolicy<double, float, double>;
@@ -40,12 +42,12 @@ using Fp64StreamsFp32Compute = PrecisionPolicy<double, float, double>;
 template <class Compute, int FracBits = 32>
 struct FixedPointPolicy {
   static_assert(std::is_floating_point_v<Compute>, "dr2net: fixed-point streams need fp32 or fp64 compute");
-  using stream_type = FixedPoint<FracBits>;
-  using compute_type = Compute;
-  using accumulate_type = Compute;
-  using value_type = Compute;
-  static constexpr bool allow_tf32 = false;
-  static constexpr int frac_bits = FracBits;
+  using stream_type = FixedPoint<FracBits>;  //!< int64 stream elements with FracBits fractional bits
+  using compute_type = Compute;              //!< what residual functions compute in (float or double)
+  using accumulate_type = Compute;           //!< the gradient combine's type (the stream combine is integer)
+  using value_type = Compute;                //!< the stack's input, output and stream-gradient type
+  static constexpr bool allow_tf32 = false;  //!< always false: fixed-point policies never enable TF32 GEMMs
+  static constexpr int frac_bits = FracBits;  //!< fractional bits of the stream elements
 };
 
 //! Fixed-point streams (32 fractional bits), fp32 residual functions: exact reversibility.
@@ -69,6 +71,9 @@ struct value_type_of_policy<P> {
 template <class P>
 using policy_value_t = typename detail::value_type_of_policy<P>::type;
 
+//! What the stack and the block need of a precision policy: stream_type, compute_type,
+//! accumulate_type and a boolean allow_tf32; and either fixed-point streams or a value
+//! type (policy_value_t) equal to the stream type.
 template <class P>
 concept Precision = requires {
   typename P::stream_type;

@@ -12,9 +12,12 @@ namespace dr2net {
 struct Coefficients {
   double alpha = 1.0;  //!< weight of the pretrained residual connection
   double beta = 0.0;   //!< weight of the reversible residual connection
+  //! Exact comparison of both coefficients (as doubles: 0.0 == -0.0, NaN never equal).
   friend bool operator==(const Coefficients&, const Coefficients&) = default;
 };
 
+//! Whether alpha and beta are both finite (neither NaN nor infinite); the schedules and the
+//! stack refuse coefficients that are not.
 inline bool is_finite(const Coefficients& c) { return std::isfinite(c.alpha) && std::isfinite(c.beta); }
 
 //! A schedule maps (training step, module index) to coefficients. Module indices count

@@ -29,8 +29,12 @@ inline Coefficients lerp(const Coefficients& a, const Coefficients& b, double t)
 //! The same (alpha, beta) at every step and module.
 class ConstantSchedule {
  public:
+  //! Always `c`; the default (1, 0) is the pretrained network itself (beta = 0: not
+  //! invertible). Throws dr2net::Error when c is not finite.
   explicit ConstantSchedule(Coefficients c = {1.0, 0.0}) : c_(c) { detail::check_coefficients_arg(c, "constant schedule"); }
+  //! ConstantSchedule(Coefficients{alpha, beta}).
   ConstantSchedule(double alpha, double beta) : ConstantSchedule(Coefficients{alpha, beta}) {}
+  //! The constant coefficients, for any module; throws dr2net::Error for a negative step.
   Coefficients operator()(std::int64_t step, int /*module*/) const {
     detail::check_step(step);
     return c_;
@@ -46,13 +50,17 @@ class ConstantSchedule {
 //!   k = floor(step / eta), K = floor(total_steps / eta), c = start + min(k / K, 1) (end - start)
 class PaperSchedule {
  public:
+  //! The schedule's endpoints and pace.
   struct Options {
-    Coefficients start{1.0, 0.1};
+    Coefficients start{1.0, 0.1};  //!< used for steps [0, eta): near the pretrained (1, 0), yet invertible
+    //! Used from step floor(total_steps / eta) * eta on (default (0, 1): additive coupling).
     Coefficients end{0.0, 1.0};
     std::int64_t eta = 1;          //!< steps between changes
     std::int64_t total_steps = 1;  //!< step at which `end` is reached
   };
 
+  //! Validates and keeps `o`. Throws dr2net::Error unless start and end are finite and
+  //! 0 < eta <= total_steps.
   explicit PaperSchedule(Options o) : o_(o) {
     detail::check_coefficients_arg(o.start, "paper schedule start");
     detail::check_coefficients_arg(o.end, "paper schedule end");
@@ -61,11 +69,14 @@ class PaperSchedule {
     DR2NET_CHECK(o.eta <= o.total_steps, "paper schedule: eta = ", o.eta,
                  " exceeds total_steps = ", o.total_steps, ", so the schedule would never change");
   }
+  //! The paper's default endpoints, (1, 0.1) to (0, 1), with the given pace.
   PaperSchedule(std::int64_t eta, std::int64_t total_steps) : PaperSchedule(Options{{1.0, 0.1}, {0.0, 1.0}, eta, total_steps}) {}
 
   //! Number of changes from start to end.
   std::int64_t num_changes() const { return o_.total_steps / o_.eta; }
 
+  //! The coefficients of `step`, the same for every module (formula above); throws
+  //! dr2net::Error for a negative step.
   Coefficients operator()(std::int64_t step, int /*module*/) const {
     detail::check_step(step);
     const std::int64_t k = step / o_.eta;
@@ -73,6 +84,7 @@ class PaperSchedule {
     if (k >= n) return o_.end;
     return detail::lerp(o_.start, o_.end, static_cast<double>(k) / static_cast<double>(n));
   }
+  //! The options the schedule was built with.
   const Options& options() const { return o_; }
 
  private:
@@ -82,12 +94,16 @@ class PaperSchedule {
 //! A smooth transition: c = start + (1 - cos(pi t)) / 2 (end - start), t = min(step / T, 1).
 class CosineSchedule {
  public:
+  //! From `start` at step 0 to `end` at `total_steps`, held afterwards. Throws dr2net::Error
+  //! unless start and end are finite and total_steps > 0.
   CosineSchedule(Coefficients start, Coefficients end, std::int64_t total_steps)
       : start_(start), end_(end), total_(total_steps) {
     detail::check_coefficients_arg(start, "cosine schedule start");
     detail::check_coefficients_arg(end, "cosine schedule end");
     DR2NET_CHECK(total_steps > 0, "cosine schedule: total_steps must be positive, got ", total_steps);
   }
+  //! The coefficients of `step`, the same for every module; throws dr2net::Error for a
+  //! negative step.
   Coefficients operator()(std::int64_t step, int /*module*/) const {
     detail::check_step(step);
     if (step >= total_) return end_;
@@ -104,12 +120,16 @@ class CosineSchedule {
 template <class Fn>
 class CallableSchedule {
  public:
+  //! Wraps `fn`, which must be callable as `fn(step, module)` on a const object and
+  //! copy-constructible (the Schedule concept copies schedules).
   explicit CallableSchedule(Fn fn) : fn_(std::move(fn)) {}
+  //! fn(step, module), passed through unchecked (a negative step reaches fn as is).
   Coefficients operator()(std::int64_t step, int module) const { return fn_(step, module); }
 
  private:
   Fn fn_;
 };
+//! Deduces Fn from the callable: `CallableSchedule s([](std::int64_t, int) { ... });`.
 template <class Fn>
 CallableSchedule(Fn) -> CallableSchedule<Fn>;
 
@@ -120,6 +140,7 @@ using AnySchedule = CallableSchedule<std::function<Coefficients(std::int64_t, in
 template <class Base>
 class ModuleOverride {
  public:
+  //! `base` for every module until set() overrides some.
   explicit ModuleOverride(Base base) : base_(std::move(base)) {}
   //! Module `module` uses `c` at every step from now on.
   ModuleOverride& set(int module, Coefficients c) {
@@ -128,7 +149,10 @@ class ModuleOverride {
     fixed_[module] = c;
     return *this;
   }
+  //! Module `module` follows the base schedule again (no effect when it had no override).
   void clear(int module) { fixed_.erase(module); }
+  //! The override of `module` if set() gave it one (a negative step then throws
+  //! dr2net::Error), else base(step, module), which checks the step itself.
   Coefficients operator()(std::int64_t step, int module) const {
     if (auto it = fixed_.find(module); it != fixed_.end()) {
       detail::check_step(step);
@@ -136,6 +160,7 @@ class ModuleOverride {
     }
     return base_(step, module);
   }
+  //! The wrapped schedule.
   const Base& base() const { return base_; }
   //! The largest module index given an override, or -1 (a stack checks it against its size).
   int max_overridden_module() const { return fixed_.empty() ? -1 : fixed_.rbegin()->first; }
