@@ -14,7 +14,11 @@
 
 namespace dr2net {
 
-//! dst[0, n) <- src[0, n) (host memory to device memory).
+//! dst[0, n) <- src[0, n) (host memory to device memory), `n` elements of T.
+//! Queued on ctx's stream after the work already there, then waits for the stream, so `src`
+//! (pageable or pinned) may be reused or freed as soon as this returns. n == 0 does nothing.
+//! A failed copy throws dr2net::Error naming the CUDA call and error (an earlier kernel's
+//! fault can surface here too, since this synchronises).
 template <class T>
 void copy_to_device(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
   if (n == 0) return;
@@ -22,7 +26,9 @@ void copy_to_device(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
   ctx.synchronize();  // the source may be pageable memory the caller frees next
 }
 
-//! dst[0, n) <- src[0, n) (device memory to host memory); waits for the copy.
+//! dst[0, n) <- src[0, n) (device memory to host memory), `n` elements of T; waits for the
+//! stream, so the copy sees every kernel queued before it and `dst` is filled on return.
+//! n == 0 does nothing. Failures (including a fault of an earlier kernel) throw dr2net::Error.
 template <class T>
 void copy_to_host(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
   if (n == 0) return;
@@ -30,14 +36,20 @@ void copy_to_host(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
   ctx.synchronize();
 }
 
-//! dst[0, n) <- src[0, n), both device memory, stream-ordered (no wait).
+//! dst[0, n) <- src[0, n), both device memory, `n` elements of T; stream-ordered on ctx's
+//! stream and asynchronous (no wait): the ranges must not overlap, and both must stay alive
+//! until the stream reaches the copy. n == 0 does nothing. A rejected copy throws dr2net::Error.
 template <class T>
 void copy_on_device(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
   if (n == 0) return;
   DR2NET_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice, ctx.stream()));
 }
 
-//! A new device buffer holding a copy of host data.
+//! A new device buffer of host.size() elements holding a copy of `host`, allocated from ctx's
+//! pool and metered under `category` (default MemoryCategory::Other; weights loaded this way
+//! pass MemoryCategory::Parameters so the memory report counts them there). Returns once the
+//! data is on the device. Out of device memory throws dr2net::Error saying how many bytes
+//! were asked for.
 template <class T>
 DeviceBuffer<T> to_device(CudaContext& ctx, const std::vector<T>& host, MemoryCategory category = MemoryCategory::Other) {
   DeviceBuffer<T> b = ctx.allocate<T>(host.size(), category);
@@ -45,7 +57,8 @@ DeviceBuffer<T> to_device(CudaContext& ctx, const std::vector<T>& host, MemoryCa
   return b;
 }
 
-//! The first n elements of device memory, copied to a host vector.
+//! The first n elements at `device` (device memory), copied into a new host vector of size n
+//! once every kernel queued before on ctx's stream has finished. Throws as copy_to_host.
 template <class T>
 std::vector<T> to_host(CudaContext& ctx, const T* device, std::size_t n) {
   std::vector<T> out(n);

@@ -23,6 +23,7 @@
 namespace dr2net {
 namespace cuda_detail {
 
+//! Threads per block of the elementwise kernels (also their __launch_bounds__).
 inline constexpr int kElementwiseThreads = 256;
 
 //! fn(i) for i in [0, n), grid-stride.
@@ -57,7 +58,14 @@ inline unsigned grid_for(const CudaContext& ctx, std::size_t work) {
 }  // namespace cuda_detail
 
 //! Runs fn(i) for i in [0, n) on the context's stream (asynchronously). `Fn` is a
-//! trivially copyable DR2NET_HD functor whose pointers are device memory.
+//! trivially copyable DR2NET_HD functor whose pointers are device memory; it is copied into
+//! the kernel's arguments, so `fn` itself may go out of scope on return, but the memory it
+//! points to must live until the stream has run the pass. Each index is visited exactly once,
+//! in no particular order and in parallel, so fn(i) may write only element i of its outputs
+//! (shared flags excepted, where every writer stores the same value).
+//! n == 0 launches nothing. A rejected launch throws dr2net::Error naming the kernel; a fault
+//! inside the kernel surfaces at the next synchronising call (ctx.synchronize(), a copy to
+//! the host).
 template <class Fn>
 void for_each_index(CudaContext& ctx, std::size_t n, const Fn& fn) {
   if (n == 0) return;
@@ -82,7 +90,9 @@ void for_each_index(CudaContext& ctx, std::size_t n, const Fn& fn) {
   DR2NET_CUDA_CHECK_LAUNCH("dr2net elementwise kernel");
 }
 
-//! Forces the element-by-element path (the vectorised path's own twin, for tests).
+//! for_each_index without the vectorised path: always one fn(i) per element, whatever
+//! VectorAccess offers for `Fn`. Same contract and errors as for_each_index; tests use it as
+//! the vectorised path's twin.
 template <class Fn>
 void for_each_index_scalar(CudaContext& ctx, std::size_t n, const Fn& fn) {
   if (n == 0) return;

@@ -24,12 +24,13 @@
 namespace dr2net {
 namespace cuda_detail {
 
+//! Threads per block of the reduction kernels; the final pass runs one block of this size.
 inline constexpr int kReduceThreads = 256;
 
 //! A running (max |a - b|, max |b|).
 struct DiffAndMax {
-  double diff;
-  double mag;
+  double diff;  //!< max |a_i - b_i| so far; NaN once any difference was NaN
+  double mag;   //!< max |b_i| so far (NaN elements of b leave it unchanged)
 };
 
 //! max that keeps a NaN once one was seen: m(NaN, x) = m(x, NaN) = NaN.
@@ -47,7 +48,10 @@ __device__ __forceinline__ double as_double(T v) {
   else return static_cast<double>(static_cast<float>(v));
 }
 
+//! cub::BlockReduce operator combining two DiffAndMax partials: nan_max of the differences,
+//! plain max of the magnitudes. Associative and commutative, so any reduction tree agrees.
 struct DiffAndMaxOp {
+  //! The combined partial of `l` and `r`.
   __device__ __forceinline__ DiffAndMax operator()(const DiffAndMax& l, const DiffAndMax& r) const {
     return {nan_max(l.diff, r.diff), l.mag > r.mag ? l.mag : r.mag};
   }
@@ -113,7 +117,8 @@ __global__ void __launch_bounds__(Threads) sum_u64_final(unsigned long long* par
 //! 1 for a NaN or infinite element, else 0.
 template <class T>
 struct NotFiniteTerm {
-  const T* p;
+  const T* p;  //!< device array tested (stream or compute element type)
+  //! 1 when p[i], widened to double, is NaN or +-infinity; else 0.
   __device__ __forceinline__ unsigned long long operator()(std::size_t i) const {
     return fixed::not_finite(as_double(p[i])) ? 1ull : 0ull;
   }
@@ -122,7 +127,8 @@ struct NotFiniteTerm {
 //! The stream checksum's term (core/fixed_point.hpp).
 template <int B>
 struct ChecksumTerm {
-  const FixedPoint<B>* p;
+  const FixedPoint<B>* p;  //!< device array of the fixed-point stream being checksummed
+  //! fixed::checksum_term(i, p[i].raw): a mix of the element's index and raw integer.
   __device__ __forceinline__ unsigned long long operator()(std::size_t i) const {
     return fixed::checksum_term(static_cast<std::uint64_t>(i), p[i].raw);
   }
@@ -148,19 +154,33 @@ std::uint64_t sum_u64(CudaContext& ctx, Term term, std::size_t n) {
 
 }  // namespace cuda_detail
 
-//! Number of NaN or infinite elements of a device array (host twin: backend/host/context.hpp).
+//! Number of NaN or infinite elements among p[0, n), a device array of float, double, bf16,
+//! fp16 or fixed point (which always counts 0: it has no non-finite values). Host twin:
+//! backend/host/context.hpp. Runs on ctx's stream after the work queued there and waits
+//! for the count; allocates a small metered (Other) buffer of per-block partials.
+//! n == 0 returns 0 without a launch. Launch and copy failures throw dr2net::Error.
 template <class T>
 std::size_t count_not_finite(CudaContext& ctx, const T* p, std::size_t n) {
   return static_cast<std::size_t>(cuda_detail::sum_u64(ctx, cuda_detail::NotFiniteTerm<T>{p}, n));
 }
 
-//! The 64-bit checksum of a fixed-point stream in device memory, bit-identical to the host's.
+//! The 64-bit checksum of p[0, n), a fixed-point stream in device memory with B fractional
+//! bits: sum_i fixed::checksum_term(i, raw_i) modulo 2^64, bit-identical to the host's
+//! stream_checksum whatever the grid. The exact mode takes it of each module's overwritten
+//! stream in the forward and again after reconstructing it in the backward; any difference
+//! means the residual function is not deterministic. Waits for the result; errors as
+//! count_not_finite.
 template <int B>
 std::uint64_t stream_checksum(CudaContext& ctx, const FixedPoint<B>* p, std::size_t n) {
   return cuda_detail::sum_u64(ctx, cuda_detail::ChecksumTerm<B>{p}, n);
 }
 
-//! max_i |a_i - b_i| and max_i |b_i| over device arrays, in double; waits for the result.
+//! (max_i |a_i - b_i|, max_i |b_i|) over device arrays a[0, n) and b[0, n), computed in
+//! double: the reconstruction monitor compares a reconstructed stream `a` with a reference
+//! copy `b` and divides the first by the second. A NaN in either array makes the first
+//! value NaN (not hidden by max); NaNs of b do not enter the second. n == 0 gives (0, 0).
+//! Runs on ctx's stream and waits for the result; launch and copy failures throw
+//! dr2net::Error.
 template <class T>
 std::pair<double, double> max_abs_diff_and_max(CudaContext& ctx, const T* a, const T* b, std::size_t n) {
   if (n == 0) return {0.0, 0.0};

@@ -21,12 +21,32 @@ namespace dr2net::cuda_detail {
 template <class Smallest>
 inline constexpr int kVectorWidth = 16 / static_cast<int>(sizeof(Smallest)) > 0 ? 16 / static_cast<int>(sizeof(Smallest)) : 1;
 
+//! The word load_vector and store_vector move a vector of fewer than 16 bytes in: `type` is
+//! an unsigned type of exactly Bytes bytes, aligned to Bytes, so one access is one
+//! instruction. Only 2, 4, 8 and 16 are defined. (The VectorAccess widths below always give
+//! the narrowest operand 16 bytes, so they never take this path; it serves other widths.)
 template <std::size_t Bytes>
 struct WordOf;  // an unsigned type of exactly Bytes bytes, aligned to Bytes
+//! 2-byte word (two 8-bit elements, or one 16-bit element).
 template <> struct WordOf<2> { using type = unsigned short; };
+//! \typedef WordOf<2>::type
+//! unsigned short, the 2-byte word.
+
+//! 4-byte word (two bf16/fp16 elements, or one float).
 template <> struct WordOf<4> { using type = unsigned int; };
+//! \typedef WordOf<4>::type
+//! unsigned int, the 4-byte word.
+
+//! 8-byte word: CUDA's uint2, 8-byte aligned (four bf16/fp16, two float, one double).
 template <> struct WordOf<8> { using type = uint2; };
+//! \typedef WordOf<8>::type
+//! CUDA's uint2, the 8-byte word.
+
+//! 16-byte word: CUDA's uint4, 16-byte aligned (vectors of 16 bytes or more are moved as
+//! uint4 words directly).
 template <> struct WordOf<16> { using type = uint4; };
+//! \typedef WordOf<16>::type
+//! CUDA's uint4, the 16-byte word.
 
 //! r[0, V) <- p[0, V); p must be aligned to min(16, V * sizeof(T)) bytes.
 template <int V, class T>
@@ -68,36 +88,50 @@ __device__ __forceinline__ void store_vector(T* p, const T (&r)[V]) {
 //! An operand pointer as the launcher sees it: address and element size, for the alignment
 //! check that decides between the vector path and the element-by-element path.
 struct OperandAddress {
-  const void* pointer;
-  std::size_t element_bytes;
+  const void* pointer;        //!< first element of the operand (device memory); null: absent, ignored
+  std::size_t element_bytes;  //!< sizeof the operand's element type
 };
 
+//! sizeof(T): the one-type end of the recursion below.
 template <class T>
 constexpr std::size_t min_size() { return sizeof(T); }
+//! The smallest sizeof among T, U, R...: the narrowest operand, which sets a functor's vector
+//! width (16 bytes of it).
 template <class T, class U, class... R>
 constexpr std::size_t min_size() {
   return sizeof(T) < min_size<U, R...>() ? sizeof(T) : min_size<U, R...>();
 }
 
-//! Primary template: not vectorised.
+//! How for_each_index applies functor `Fn` with wide accesses. Primary template: not
+//! vectorised, so every functor without a specialisation runs one element per call.
+//!
+//! A specialisation provides: `enabled = true`; `width`, the elements per vector (16 bytes of
+//! the narrowest operand); `count`, the number of operand pointers; `addresses(k, a)`, which
+//! reports each operand's pointer and element size for the alignment check; and a device
+//! `apply(k, i)`, which processes elements [i, i + width) of functor `k`; the launcher calls
+//! it only with i at which every present operand's pointer + i is aligned to width elements.
 template <class Fn>
 struct VectorAccess {
-  static constexpr bool enabled = false;
-  static constexpr int width = 1;
+  static constexpr bool enabled = false;  //!< no vector path: for_each_index launches the scalar kernel
+  static constexpr int width = 1;         //!< one element at a time
 };
 
-//! x <- alpha*y + f + beta*x
+//! Vector path of the forward combine x <- alpha*y + f + beta*x (streams S, F's output C).
 template <class S, class C, class A>
 struct VectorAccess<ForwardCombine<S, C, A>> {
-  using Fn = ForwardCombine<S, C, A>;
-  static constexpr bool enabled = true;
+  using Fn = ForwardCombine<S, C, A>;  //!< the functor this specialisation applies
+  static constexpr bool enabled = true;  //!< for_each_index takes the vector path when aligned
+  //! Elements per vector: 16 bytes of the narrower of S and C (4 for fp32, 8 with bf16 F).
   static constexpr int width = static_cast<int>(16 / min_size<S, C>());
-  static constexpr int count = 3;
+  static constexpr int count = 3;  //!< operands x, y, f
+  //! a <- (x, y, f) with their element sizes.
   static void addresses(const Fn& k, OperandAddress (&a)[count]) {
     a[0] = {k.x, sizeof(S)};
     a[1] = {k.y, sizeof(S)};
     a[2] = {k.f, sizeof(C)};
   }
+  //! Elements [i, i + width): loads x, y, f into registers, runs k's operator() on them (the
+  //! finiteness flag still points at k.flag) and stores x.
   __device__ __forceinline__ static void apply(const Fn& k, std::size_t i) {
     S x[width], y[width];
     C f[width];
@@ -111,18 +145,22 @@ struct VectorAccess<ForwardCombine<S, C, A>> {
   }
 };
 
-//! y <- (y - alpha*x - f)/beta
+//! Vector path of the inverse combine y <- (y - alpha*x - f)/beta (streams S, F's output C).
 template <class S, class C, class A>
 struct VectorAccess<InverseCombine<S, C, A>> {
-  using Fn = InverseCombine<S, C, A>;
-  static constexpr bool enabled = true;
+  using Fn = InverseCombine<S, C, A>;  //!< the functor this specialisation applies
+  static constexpr bool enabled = true;  //!< for_each_index takes the vector path when aligned
+  //! Elements per vector: 16 bytes of the narrower of S and C.
   static constexpr int width = static_cast<int>(16 / min_size<S, C>());
-  static constexpr int count = 3;
+  static constexpr int count = 3;  //!< operands y, x, f
+  //! a <- (y, x, f) with their element sizes.
   static void addresses(const Fn& k, OperandAddress (&a)[count]) {
     a[0] = {k.y, sizeof(S)};
     a[1] = {k.x, sizeof(S)};
     a[2] = {k.f, sizeof(C)};
   }
+  //! Elements [i, i + width): loads y, x, f into registers, runs k's operator() on them and
+  //! stores y.
   __device__ __forceinline__ static void apply(const Fn& k, std::size_t i) {
     S y[width], x[width];
     C f[width];
@@ -136,13 +174,16 @@ struct VectorAccess<InverseCombine<S, C, A>> {
   }
 };
 
-//! gx <- gx + alpha*gy (+ jt);  gy <- beta*gy;  [y <- (y - alpha*x - f)/beta]
+//! Vector path of the backward combine
+//!   gx <- gx + alpha*gy (+ jt);  gy <- beta*gy;  [y <- (y - alpha*x - f)/beta]
+//! with and without the fused reconstruction (bracketed) and the separate J^T g operand jt.
 template <class S, class C, class A, bool Reconstruct>
 struct VectorAccess<BackwardCombine<S, C, A, Reconstruct>> {
-  using Fn = BackwardCombine<S, C, A, Reconstruct>;
-  static constexpr bool enabled = true;
+  using Fn = BackwardCombine<S, C, A, Reconstruct>;  //!< the functor this specialisation applies
+  static constexpr bool enabled = true;  //!< for_each_index takes the vector path when aligned
+  //! Elements per vector: 16 bytes of the narrower of S and C.
   static constexpr int width = static_cast<int>(16 / min_size<S, C>());
-  static constexpr int count = 6;
+  static constexpr int count = 6;  //!< operands gx, gy, jt, y, x, f (the last four may be absent)
   //! Absent operands (jt == nullptr, or no reconstruction) are reported as null and ignored.
   static void addresses(const Fn& k, OperandAddress (&a)[count]) {
     a[0] = {k.gx, sizeof(S)};
@@ -152,6 +193,9 @@ struct VectorAccess<BackwardCombine<S, C, A, Reconstruct>> {
     a[4] = {Reconstruct ? k.x : nullptr, sizeof(S)};
     a[5] = {Reconstruct ? k.f : nullptr, sizeof(C)};
   }
+  //! Elements [i, i + width): loads gx, gy, jt when present, and y, x, f when reconstructing;
+  //! runs k's operator() on the registers (flag still k.flag); stores gx, gy, and y when
+  //! reconstructing.
   __device__ __forceinline__ static void apply(const Fn& k, std::size_t i) {
     S gx[width], gy[width];
     C jt[width];
@@ -178,17 +222,20 @@ struct VectorAccess<BackwardCombine<S, C, A, Reconstruct>> {
   }
 };
 
-//! dst <- src, converting
+//! Vector path of the converting copy dst <- src (stream type to compute type, or back).
 template <class From, class To>
 struct VectorAccess<ConvertCopy<From, To>> {
-  using Fn = ConvertCopy<From, To>;
-  static constexpr bool enabled = true;
+  using Fn = ConvertCopy<From, To>;  //!< the functor this specialisation applies
+  static constexpr bool enabled = true;  //!< for_each_index takes the vector path when aligned
+  //! Elements per vector: 16 bytes of the narrower of From and To.
   static constexpr int width = static_cast<int>(16 / min_size<From, To>());
-  static constexpr int count = 2;
+  static constexpr int count = 2;  //!< operands dst, src
+  //! a <- (dst, src) with their element sizes.
   static void addresses(const Fn& k, OperandAddress (&a)[count]) {
     a[0] = {k.dst, sizeof(To)};
     a[1] = {k.src, sizeof(From)};
   }
+  //! Elements [i, i + width): loads src, converts in registers with k's operator(), stores dst.
   __device__ __forceinline__ static void apply(const Fn& k, std::size_t i) {
     From src[width];
     To dst[width];

@@ -23,10 +23,13 @@
 
 namespace dr2net {
 
-//! Whether a GEMM operand is used as stored or transposed.
+//! Whether a GEMM operand is used as stored or transposed: with No, op(X) = X and the row-major
+//! storage has op(X)'s shape; with Yes, op(X) = X^T and the storage holds op(X)'s transpose
+//! (so A of op(A)[m, k] is stored as [k, m]). Shared by the host and device GEMMs.
 enum class Transpose : bool { No = false, Yes = true };
 
-//! Which implementation host_gemm uses in this build.
+//! Which implementation host_gemm uses in this build: "cblas" when compiled with
+//! DR2NET_HAVE_CBLAS, else "blocked loops". Tools and benchmarks print it beside host timings.
 inline constexpr std::string_view host_gemm_backend() {
 #if defined(DR2NET_HAVE_CBLAS)
   return "cblas";
@@ -129,7 +132,11 @@ void gemm_blocked(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, st
 
 }  // namespace detail
 
-//! The loop implementation alone (what host_gemm runs without CBLAS), same contract.
+//! The loop implementation alone (what host_gemm runs without CBLAS), same contract and the
+//! same argument checks; tests check it and host_gemm against one naive reference.
+//! T may be any floating type (host_gemm's float/double restriction comes from CBLAS).
+//! Packing buffers are thread_local and only grow, so concurrent calls from different
+//! threads are safe and each thread keeps its largest panels allocated.
 template <class T>
 void host_gemm_loops(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha,
                      const T* a, std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
@@ -150,7 +157,13 @@ void host_gemm_loops(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n,
 
 //! C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C, all row-major with leading
 //! dimensions lda, ldb, ldc (elements between consecutive rows as stored). op(X) = X or X^T.
-//! beta == 0 writes C without reading it.
+//! beta == 0 writes C without reading it; k == 0 (or alpha == 0) only scales C by beta;
+//! m == 0 or n == 0 does nothing; C's elements between column n and ldc are never touched.
+//! T is float or double (a static_assert says so).
+//! Throws dr2net::Error, naming the values, for a negative m, n or k, or a leading dimension
+//! below its operand's row length (lda < k or m, ldb < n or k as transposed, ldc < n, each at
+//! least 1); with CBLAS also for sizes beyond int. A and B must not overlap C. Synchronous;
+//! safe to call from several threads on distinct C.
 template <class T>
 void host_gemm(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
                std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {

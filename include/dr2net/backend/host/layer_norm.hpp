@@ -12,18 +12,25 @@
 namespace dr2net {
 
 //! y = xhat * gamma + beta with xhat = (x - mean) * rstd: one element of the normalised row.
+//! Shared with the CUDA LayerNorm kernel, which calls it in its accumulate type.
 template <class T>
 DR2NET_HD_INLINE T layer_norm_element(T x, T mean, T rstd, T gamma, T beta) {
   return (x - mean) * rstd * gamma + beta;
 }
 
 //! dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)): one element of the input gradient.
+//! dxhat = dy * gamma; the two means are over the row and passed in. Shared with the CUDA kernel.
 template <class T>
 DR2NET_HD_INLINE T layer_norm_input_grad(T dxhat, T xhat, T rstd, T mean_dxhat, T mean_dxhat_xhat) {
   return rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
 }
 
 //! Normalises `rows` rows of width d; writes y and each row's mean and rstd.
+//! x and y are [rows, d] row-major and contiguous, gamma and beta [d],
+//! mean and rstd [rows] (kept for layer_norm_backward). The variance is computed in two
+//! passes (of deviations from the mean), so large offsets do not cancel. Requires d >= 1 and
+//! eps > 0 (a constant row then gets rstd = 1/sqrt(eps)); sizes and pointers are not checked
+//! here, so callers validate their tensors first.
 template <class T>
 void layer_norm_forward(const T* x, std::int64_t rows, std::int64_t d, const T* gamma, const T* beta, T eps, T* y,
                         T* mean, T* rstd) {
@@ -45,6 +52,10 @@ void layer_norm_forward(const T* x, std::int64_t rows, std::int64_t d, const T* 
 
 //! Backward of layer_norm_forward. Accumulates: dx += J^T dy, dgamma += sum dy * xhat,
 //! dbeta += sum dy.
+//! x, dy and dx are [rows, d] row-major; mean and rstd [rows] as layer_norm_forward wrote
+//! them; gamma, dgamma and dbeta [d]. dx, dgamma and dbeta are added to, never overwritten,
+//! so zero them first for a plain gradient; dgamma and dbeta sum over all rows. Same
+//! preconditions as layer_norm_forward.
 template <class T>
 void layer_norm_backward(const T* x, const T* mean, const T* rstd, const T* gamma, const T* dy, std::int64_t rows,
                          std::int64_t d, T* dx, T* dgamma, T* dbeta) {

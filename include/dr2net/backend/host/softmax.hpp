@@ -12,6 +12,9 @@ namespace dr2net {
 //! Each of `rows` rows of `cols` elements (leading dimension ld), in place:
 //!   p_j = exp(s_j - max_k s_k) / sum_k exp(s_k - max_k s_k)
 //! Subtracting the row maximum keeps exp() from overflowing; the result is unchanged.
+//! Row r starts at s + r * ld (ld >= cols); elements between cols and ld are left alone.
+//! Requires cols >= 1 (not checked). A row holding NaN or +inf yields NaN probabilities.
+//! The CUDA twin (modules/cuda/softmax.cuh) takes a CudaContext first.
 template <class T>
 void softmax_rows_inplace(T* s, std::int64_t rows, std::int64_t cols, std::int64_t ld) {
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -29,6 +32,9 @@ void softmax_rows_inplace(T* s, std::int64_t rows, std::int64_t cols, std::int64
 
 //! Backward of a row softmax, in place over the gradient, with a scale folded in:
 //!   ds_j = scale * p_j (dp_j - sum_k dp_k p_k)
+//! p holds the forward's probabilities and g the gradient dL/dp on entry, dL/d(scores) times
+//! `scale` on return (attention folds its 1/sqrt(head_dim) in here); both have `rows` rows of
+//! `cols` elements at leading dimension ld.
 template <class T>
 void softmax_rows_backward_inplace(const T* p, T* g, std::int64_t rows, std::int64_t cols, std::int64_t ld,
                                    T scale) {
