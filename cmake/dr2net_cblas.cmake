@@ -1,11 +1,14 @@
 # Optional CBLAS for the host GEMM of dr2net's own programs (tests, benchmarks, tools).
 #
-# Defines the INTERFACE target dr2net_cblas (not installed or exported) when a CBLAS is
-# found: it adds DR2NET_HAVE_CBLAS and links the library, and host_gemm then calls
-# cblas_sgemm/cblas_dgemm. Without it host_gemm runs its own blocked loops. Consumers who
-# want CBLAS define DR2NET_HAVE_CBLAS and link a CBLAS themselves.
+# Defines the INTERFACE target dr2net_cblas, alias dr2net::cblas (not installed or exported),
+# when a CBLAS is found: it adds DR2NET_HAVE_CBLAS and links the library, and host_gemm then
+# calls cblas_sgemm/cblas_dgemm. Without it host_gemm runs its own blocked loops.
+# DR2NET_USE_CBLAS defaults to ON only when dr2net is the top-level project; a consumer using
+# add_subdirectory/FetchContent sets it ON and links dr2net::cblas, and a consumer of the
+# installed package defines DR2NET_HAVE_CBLAS and links a CBLAS itself
+# (docs/getting-started.md, "CBLAS").
 
-option(DR2NET_USE_CBLAS "Use a CBLAS (OpenBLAS) for dr2net's host GEMM when one is found" ON)
+_dr2net_option(DR2NET_USE_CBLAS "Use a CBLAS (OpenBLAS) for dr2net's host GEMM when one is found" ${PROJECT_IS_TOP_LEVEL})
 
 if(DR2NET_USE_CBLAS AND NOT TARGET dr2net_cblas)
   set(_dr2net_cblas_include "")
@@ -30,11 +33,12 @@ if(DR2NET_USE_CBLAS AND NOT TARGET dr2net_cblas)
     target_include_directories(dr2net_cblas SYSTEM INTERFACE ${DR2NET_CBLAS_INCLUDE_DIR})
     target_link_libraries(dr2net_cblas INTERFACE ${DR2NET_CBLAS_LIBRARY})
     target_compile_definitions(dr2net_cblas INTERFACE DR2NET_HAVE_CBLAS)
+    add_library(dr2net::cblas ALIAS dr2net_cblas)
     message(STATUS "dr2net: host GEMM uses CBLAS (${DR2NET_CBLAS_LIBRARY}, header in ${DR2NET_CBLAS_INCLUDE_DIR})")
   else()
     message(STATUS "dr2net: no CBLAS (OpenBLAS) found; host GEMM uses dr2net's blocked loops")
   endif()
-elseif(NOT DR2NET_USE_CBLAS)
+elseif(NOT DR2NET_USE_CBLAS AND PROJECT_IS_TOP_LEVEL)
   message(STATUS "dr2net: DR2NET_USE_CBLAS is OFF; host GEMM uses dr2net's blocked loops")
 endif()
 

@@ -1,9 +1,12 @@
 # Optional CUDA backend: the INTERFACE target dr2net::cuda (dr2net + cudart + cuBLAS + cuBLASLt).
 #
-# DR2NET_ENABLE_CUDA defaults to ON when a CUDA compiler is found. When dr2net is the top-level
-# project and CMAKE_CUDA_ARCHITECTURES is unset, it defaults to 90 (Hopper) so that CI compiles
-# every CUDA target for the machines the GPU checks run on; a consumer's setting is never
-# overridden. scripts/gpu-check configures with -DCMAKE_CUDA_ARCHITECTURES=native.
+# DR2NET_ENABLE_CUDA defaults to ON when dr2net is the top-level project and a CUDA compiler is
+# found, and to OFF under add_subdirectory/FetchContent: a consumer's project gets CUDA enabled
+# (and CMake's CUDA cache entries) only when it sets DR2NET_ENABLE_CUDA=ON. When dr2net is the
+# top-level project and CMAKE_CUDA_ARCHITECTURES is unset, it defaults to 90 (Hopper, a normal
+# variable) so that CI compiles every CUDA target for the machines the GPU checks run on; a
+# consumer's setting is never overridden, and an unset one is left to CMake's own default.
+# scripts/gpu-check configures with -DCMAKE_CUDA_ARCHITECTURES=native.
 #
 # dr2net::cuda is not exported or installed with the package: the installed package must
 # stay usable by consumers without a CUDA toolkit. Consumers that want the CUDA backend link
@@ -11,17 +14,24 @@
 # the translation units that include dr2net/backend/cuda/*.cuh with nvcc (see docs/gpu.md).
 
 include(CheckLanguage)
-check_language(CUDA)
-if(CMAKE_CUDA_COMPILER)
-  set(_dr2net_cuda_default ON)
-else()
-  set(_dr2net_cuda_default OFF)
-  message(STATUS "dr2net: no CUDA compiler found; the CUDA backend (dr2net::cuda) is not built")
+set(_dr2net_cuda_default OFF)
+if(PROJECT_IS_TOP_LEVEL)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    set(_dr2net_cuda_default ON)
+  else()
+    message(STATUS "dr2net: no CUDA compiler found; the CUDA backend (dr2net::cuda) is not built")
+  endif()
 endif()
-option(DR2NET_ENABLE_CUDA "Build dr2net's CUDA backend, GPU tests and GPU benchmarks" ${_dr2net_cuda_default})
+_dr2net_option(DR2NET_ENABLE_CUDA "Build dr2net's CUDA backend, GPU tests and GPU benchmarks" ${_dr2net_cuda_default})
 unset(_dr2net_cuda_default)
 
 if(DR2NET_ENABLE_CUDA)
+  check_language(CUDA)
+  if(NOT CMAKE_CUDA_COMPILER)
+    message(FATAL_ERROR "dr2net: DR2NET_ENABLE_CUDA is ON but no CUDA compiler was found "
+                        "(put nvcc on PATH, or set CUDACXX or CMAKE_CUDA_COMPILER)")
+  endif()
   if(PROJECT_IS_TOP_LEVEL AND NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})
     set(CMAKE_CUDA_ARCHITECTURES 90)
   endif()
