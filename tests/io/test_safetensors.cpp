@@ -3,17 +3,28 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
 #include <optional>
 #include <random>
+#include <set>
+#include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/half.hpp"
@@ -697,4 +708,328 @@ TEST_CASE("safetensors: file errors name the path", "[safetensors]") {
              Contains(path) && Contains("truncated"));
   const std::string bad_dir = (file.path / "sub" / "x.safetensors").string();
   CHECK_THAT(error_of([&] { SafetensorsWriter{}.write_file(bad_dir); }), Contains(bad_dir));
+}
+
+// ---- safetensors: files that never lose data, a reader that never slurps -----------------
+
+namespace {
+
+// A unique directory under the temp directory, removed with its content when it goes out of scope.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    std::random_device rd;
+    path = std::filesystem::temp_directory_path() /
+           ("dr2net_test_dir_" + std::to_string(rd()) + "_" + std::to_string(rd()));
+    std::filesystem::create_directory(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  std::set<std::string> entries() const {
+    std::set<std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator(path)) out.insert(e.path().filename().string());
+    return out;
+  }
+};
+
+std::vector<std::uint8_t> file_bytes(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// What a child process reports back: its exit status and the text `body` returned.
+struct ChildResult {
+  int status = -1;
+  std::string text;
+};
+
+// Runs `body` in a forked child (so limits it sets stay there) and returns what it said.
+// A dr2net::Error escaping `body` is reported as "error: <message>", anything else thrown
+// as "unexpected exception: <what>".
+ChildResult run_in_child(const std::function<std::string()>& body) {
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(fds[0]);
+    std::string text;
+    try {
+      text = body();
+    } catch (const dr2net::Error& e) {
+      text = std::string("error: ") + e.what();
+    } catch (const std::exception& e) {
+      text = std::string("unexpected exception: ") + e.what();
+    } catch (...) {
+      text = "unexpected exception";
+    }
+    const char* p = text.data();
+    std::size_t left = text.size();
+    while (left > 0) {
+      const ssize_t n = ::write(fds[1], p, left);
+      if (n <= 0) break;
+      p += n;
+      left -= static_cast<std::size_t>(n);
+    }
+    ::close(fds[1]);
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  ChildResult r;
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = ::read(fds[0], buf, sizeof buf);
+    if (n <= 0) break;
+    r.text.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fds[0]);
+  ::waitpid(pid, &r.status, 0);
+  return r;
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kAddressSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kAddressSanitizer = true;
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+
+// Limits the calling process's address space to what it maps now plus `extra` bytes, so that
+// any allocation of that order fails. AddressSanitizer reserves terabytes of address space
+// up front, so under it the limit is not set (the checks still run, without the bound).
+void limit_address_space(std::size_t extra) {
+  if (kAddressSanitizer) return;
+  std::ifstream statm("/proc/self/statm");
+  std::size_t pages = 0;
+  statm >> pages;
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  const rlimit lim{static_cast<rlim_t>(pages * page + extra), static_cast<rlim_t>(pages * page + extra)};
+  if (::setrlimit(RLIMIT_AS, &lim) != 0) throw std::runtime_error("setrlimit(RLIMIT_AS) failed");
+}
+
+// Writes the 8-byte length, `header` and `data`, then extends the file to `total` bytes
+// without allocating them (a sparse file).
+void write_sparse(const std::filesystem::path& path, const std::string& header, const std::vector<std::uint8_t>& data,
+                  std::uint64_t claimed_header_len, std::uint64_t total) {
+  std::vector<std::uint8_t> head(8);
+  for (std::size_t i = 0; i < 8; ++i) head[i] = static_cast<std::uint8_t>(claimed_header_len >> (8 * i));
+  {
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(head.data()), 8);
+    out.write(header.data(), static_cast<std::streamsize>(header.size()));
+    out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+    REQUIRE(out.good());
+  }
+  REQUIRE(::truncate(path.c_str(), static_cast<off_t>(total)) == 0);
+}
+
+constexpr std::uint64_t kGiB = std::uint64_t{1} << 30;
+
+}  // namespace
+
+TEST_CASE("safetensors: a failed write leaves the previous file intact and no temporary", "[safetensors]") {
+  TempDir dir;
+  const auto path = (dir.path / "model.safetensors").string();
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> good_values(1000);
+  for (auto& v : good_values) v = dist(rng);
+  SafetensorsWriter good;
+  good.set_metadata("epoch", "1");
+  good.add("w", DType::F32, {10, 100}, good_values);
+  good.write_file(path);
+  const auto before = file_bytes(path);
+  REQUIRE(before == good.to_bytes());
+
+  // Four MiB against a 64 KiB file-size limit: write() fails with EFBIG part-way.
+  SafetensorsWriter big;
+  big.add("w", DType::F32, {1024, 1024}, std::vector<float>(1024 * 1024, 0.25f));
+  const ChildResult child = run_in_child([&]() -> std::string {
+    std::signal(SIGXFSZ, SIG_IGN);
+    const rlimit lim{64 * 1024, 64 * 1024};
+    if (::setrlimit(RLIMIT_FSIZE, &lim) != 0) return "setrlimit failed";
+    big.write_file(path);
+    return "no error";
+  });
+  REQUIRE(WIFEXITED(child.status));
+  INFO(child.text);
+  CHECK_THAT(child.text, Contains("error: ") && Contains(path) && Contains(std::strerror(EFBIG)));
+
+  // The old checkpoint is byte for byte what it was, and reads back bit-identical.
+  CHECK(file_bytes(path) == before);
+  const auto reader = SafetensorsReader::from_file(path);
+  const auto got = reader.read<float>("w");
+  REQUIRE(got.size() == good_values.size());
+  for (std::size_t i = 0; i < got.size(); ++i) CHECK(bits_of(got[i]) == bits_of(good_values[i]));
+  CHECK(reader.metadata().at("epoch") == "1");
+  CHECK(dir.entries() == std::set<std::string>{"model.safetensors"});
+}
+
+TEST_CASE("safetensors: write_file replaces atomically and names bad targets", "[safetensors]") {
+  TempDir dir;
+  const auto path = (dir.path / "w.safetensors").string();
+  SafetensorsWriter first;
+  first.add("a", DType::F32, {2}, std::vector<float>{1.0f, 2.0f});
+  first.write_file(path);
+  REQUIRE(::chmod(path.c_str(), 0640) == 0);
+  SafetensorsWriter second;
+  second.add("b", DType::F64, {3}, std::vector<double>{3.0, 4.0, 5.0});
+  second.write_file(path);
+  CHECK(file_bytes(path) == second.to_bytes());
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0640);  // the replaced file's permissions are kept
+  CHECK(dir.entries() == std::set<std::string>{"w.safetensors"});
+
+  const auto missing_dir = (dir.path / "no" / "such" / "x.safetensors").string();
+  CHECK_THAT(error_of([&] { second.write_file(missing_dir); }),
+             Contains(missing_dir) && Contains("does not exist"));
+  CHECK_THAT(error_of([&] { second.write_file(dir.path.string()); }), Contains(dir.path.string()));
+  CHECK(file_bytes(path) == second.to_bytes());
+  CHECK(dir.entries() == std::set<std::string>{"w.safetensors"});
+}
+
+TEST_CASE("safetensors: the header is checked against the file size before anything is read",
+          "[safetensors]") {
+  TempDir dir;
+  SECTION("a header length beyond a 4 GiB file") {
+    const auto path = (dir.path / "claims.safetensors").string();
+    const std::uint64_t claimed = std::uint64_t{1} << 40;
+    write_sparse(path, "{}", {}, claimed, 4 * kGiB);
+    const ChildResult child = run_in_child([&]() -> std::string {
+      limit_address_space(kGiB);
+      (void)SafetensorsReader::from_file(path);
+      return "no error";
+    });
+    REQUIRE(WIFEXITED(child.status));
+    CHECK_THAT(child.text, Contains("error: ") && Contains(path) && Contains(std::to_string(claimed)) &&
+                               Contains(std::to_string(4 * kGiB)));
+  }
+  SECTION("a small header length beyond a small file") {
+    const auto path = (dir.path / "short.safetensors").string();
+    write_sparse(path, "{}", {}, 1000, 10);
+    CHECK_THAT(error_of([&] { (void)SafetensorsReader::from_file(path); }),
+               Contains(path) && Contains("header length 1000") && Contains("10 bytes"));
+  }
+  SECTION("a 10 GiB file with one small tensor opens and reads it without reading the rest") {
+    const auto path = (dir.path / "sparse.safetensors").string();
+    const std::string header = R"({"first":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}})";
+    std::vector<std::uint8_t> data(16);
+    const float values[4] = {1.5f, -2.0f, 0.125f, 3.0f};
+    std::memcpy(data.data(), values, 16);  // little-endian hosts; checked below
+    write_sparse(path, header, data, header.size(), 10 * kGiB);
+    const ChildResult child = run_in_child([&]() -> std::string {
+      limit_address_space(kGiB);
+      const auto reader = SafetensorsReader::from_file(path);
+      std::string out;
+      for (float v : reader.read<float>("first")) out += std::to_string(v) + " ";
+      std::vector<double> into(4);
+      reader.read_into("first", {2, 2}, into.data());
+      for (double v : into) out += std::to_string(v) + " ";
+      return out;
+    });
+    REQUIRE(WIFEXITED(child.status));
+    if (bits_of(1.5f) == 0x3FC00000u && data[3] == 0x3F) {
+      const std::string four = "1.500000 -2.000000 0.125000 3.000000 ";
+      CHECK(child.text == four + four);
+    }
+  }
+  SECTION("a data section that ends before a tensor's end names the tensor") {
+    const auto path = (dir.path / "late.safetensors").string();
+    const std::string header =
+        R"({"early":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+        R"("late":{"dtype":"F32","shape":[4],"data_offsets":[10737418240,10737418256]}})";
+    write_sparse(path, header, std::vector<std::uint8_t>(4), header.size(), 10 * kGiB);
+    const ChildResult child = run_in_child([&]() -> std::string {
+      limit_address_space(kGiB);
+      (void)SafetensorsReader::from_file(path);
+      return "no error";
+    });
+    REQUIRE(WIFEXITED(child.status));
+    CHECK_THAT(child.text, Contains("error: ") && Contains(path) && Contains("tensor 'late'") &&
+                               Contains("outside the data section"));
+  }
+}
+
+namespace {
+
+// A checkpoint image of `n` one-element F32 tensors, as a large header of many entries.
+std::vector<std::uint8_t> many_entries(std::size_t n, const std::string& extra_entry = "") {
+  std::string header = "{";
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i != 0) header += ',';
+    header += "\"blocks." + std::to_string(i) + ".w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[" +
+              std::to_string(4 * i) + "," + std::to_string(4 * i + 4) + "]}";
+  }
+  header += extra_entry + "}";
+  return image(header, 4 * n);
+}
+
+double min_parse_seconds(const std::vector<std::uint8_t>& bytes, int runs) {
+  double best = std::numeric_limits<double>::infinity();
+  for (int r = 0; r < runs; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto reader = SafetensorsReader::from_bytes(bytes);
+    const auto t1 = std::chrono::steady_clock::now();
+    REQUIRE(reader.contains("blocks.0.w"));
+    best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
+  }
+  return best;
+}
+
+}  // namespace
+
+TEST_CASE("safetensors: header parsing grows linearly and still rejects duplicate keys", "[safetensors]") {
+  const auto small = many_entries(25'000);
+  const auto large = many_entries(200'000);
+  const double t_small = min_parse_seconds(small, 3);
+  const double t_large = min_parse_seconds(large, 3);
+  INFO("25,000 entries: " << t_small << " s; 200,000 entries: " << t_large << " s");
+  // 8x the entries: about 8x the time when linear (n log n for the sorted maps), 64x when
+  // quadratic. The bound leaves room for noise on a shared machine.
+  CHECK(t_large / t_small < 16.0);
+  CHECK(SafetensorsReader::from_bytes(large).names().size() == 200'000);
+
+  // A duplicate anywhere, even last among 200,000 entries or inside a nested object, is named.
+  CHECK_THAT(error_of([&] {
+               (void)SafetensorsReader::from_bytes(
+                   many_entries(200'000, R"(,"blocks.7.w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]})"));
+             }),
+             Contains("'blocks.7.w' twice"));
+  CHECK_THAT(parse_error(R"({"t":{"dtype":"F32","shape":[2],"dtype":"F16","data_offsets":[0,8]}})", 8),
+             Contains("'dtype' twice"));
+  CHECK_THAT(parse_error(R"({"__metadata__":{"a":"1","b":"2","a":"3"}})", 0), Contains("'a' twice"));
+  // The same key in different objects is not a duplicate.
+  CHECK_NOTHROW(SafetensorsReader::from_bytes(
+      image(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+            R"("y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+            8)));
+}
+
+TEST_CASE("safetensors: read errors name the file", "[safetensors]") {
+  TempDir dir;
+  const auto path = (dir.path / "named.safetensors").string();
+  SafetensorsWriter w;
+  w.add("t", DType::F32, {2}, std::vector<float>{1.0f, 2.0f});
+  w.write_file(path);
+  const auto reader = SafetensorsReader::from_file(path);
+  CHECK(reader.where() == "safetensors file '" + path + "'");
+  CHECK_THAT(error_of([&] { (void)reader.read<float>("u"); }), Contains("missing tensor 'u'") && Contains(path));
+  CHECK_THAT(error_of([&] { reader.require({"u", "v"}); }), Contains("missing 2 tensors") && Contains(path));
+  std::vector<float> dst(3);
+  CHECK_THAT(error_of([&] { reader.read_into("t", {3}, dst.data()); }),
+             Contains("tensor 't'") && Contains(path) && Contains("[2]") && Contains("[3]"));
+  // Copies share the open file and read the same values.
+  const SafetensorsReader copy = reader;
+  CHECK(copy.read<float>("t") == std::vector<float>{1.0f, 2.0f});
 }

@@ -13,22 +13,31 @@
 //! writes round float or double to the stored dtype (nearest, ties to even).
 //!
 //! Checkpoints come from outside, so the reader validates the whole header up
-//! front and reports every problem as a dr2net::Error naming the tensor, field
-//! or offset; it never reads outside the input and never allocates more than
-//! the input's own size suggests. Byte order is assembled explicitly, so the
-//! code is correct on hosts of either endianness.
+//! front and reports every problem as a dr2net::Error naming the file, tensor,
+//! field or offset; it never reads outside the input and never allocates more
+//! than the input's own size suggests. A file is not read whole: the header is
+//! checked against the file size first, and tensor data is read tensor by
+//! tensor when asked for. Header parsing takes time linear in its size (the
+//! duplicate-key check included). Writing a file is atomic: the previous file
+//! stays intact until the new one is complete on disk. Byte order is assembled
+//! explicitly, so the code is correct on hosts of either endianness.
+//!
+//! Files are accessed through POSIX calls (open, pread, fsync, rename).
 //!
 //! Needs nlohmann-json: link the dr2net::io target.
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <optional>
-#include <set>
+#include <random>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -36,8 +45,13 @@
 #include <utility>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <nlohmann/json.hpp>
 
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/half.hpp"
 
@@ -128,24 +142,24 @@ inline void store_le(std::uint8_t* p, std::uint64_t v, std::size_t width) {
 }
 
 //! Element count of `shape`, or nothing if an extent is negative or the
-//! product overflows size_t.
+//! product overflows int64 (dr2net::checked's size limit). Optional rather than
+//! throwing so that the reader can name the tensor and the field.
 inline std::optional<std::size_t> checked_numel(const std::vector<std::int64_t>& shape) {
-  std::size_t n = 1;
+  std::int64_t n = 1;
   for (std::int64_t extent : shape) {
-    if (extent < 0) return std::nullopt;
-    const auto e = static_cast<std::uint64_t>(extent);
-    if (e > std::numeric_limits<std::size_t>::max()) return std::nullopt;
-    if (e != 0 && n > std::numeric_limits<std::size_t>::max() / e) return std::nullopt;
-    n *= static_cast<std::size_t>(e);
+    const auto r = checked::try_mul(n, extent);
+    if (!r) return std::nullopt;
+    n = *r;
   }
-  return n;
+  return static_cast<std::size_t>(n);
 }
 
-//! Byte count of `numel` elements of `dtype`, or nothing on overflow.
+//! Byte count of `numel` elements of `dtype`, or nothing on overflow (int64).
 inline std::optional<std::size_t> checked_nbytes(std::size_t numel, DType dtype) {
-  const std::size_t width = dtype_size(dtype);
-  if (numel > std::numeric_limits<std::size_t>::max() / width) return std::nullopt;
-  return numel * width;
+  if (numel > static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max())) return std::nullopt;
+  const auto r = checked::try_mul(static_cast<std::int64_t>(numel), static_cast<std::int64_t>(dtype_size(dtype)));
+  if (!r) return std::nullopt;
+  return static_cast<std::size_t>(*r);
 }
 
 //! Decodes `count` little-endian elements of `dtype` at `src` into `dst`.
@@ -241,59 +255,158 @@ inline std::uint64_t json_to_index(const nlohmann::json& value, std::uint64_t ma
   return v;
 }
 
-//! Checks the JSON text for duplicate keys, which nlohmann would silently
-//! resolve to the last one; a checkpoint whose meaning depends on that is
-//! rejected rather than guessed at.
-class DuplicateKeyCheck {
+//! A SAX pass over the JSON text that validates its syntax and rejects duplicate
+//! keys, which nlohmann's DOM parser would silently resolve to the last one (a
+//! checkpoint whose meaning depends on that is rejected rather than guessed at).
+//!
+//! Each object's keys are collected and, when the object closes, sorted and
+//! compared with their neighbours: O(k log k) per object of k keys, whatever
+//! the keys are (a hash set could be driven quadratic by colliding keys). This
+//! replaces a parser callback: nlohmann's callback parser scans the parent
+//! object after every nested object closes, which made a header of n tensor
+//! entries take O(n^2) time.
+class HeaderSyntaxCheck final : public nlohmann::json_sax<nlohmann::json> {
  public:
-  bool operator()(int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    using Event = nlohmann::json::parse_event_t;
-    if (event == Event::object_start) {
-      keys_.emplace_back();
-    } else if (event == Event::object_end) {
-      if (!keys_.empty()) keys_.pop_back();
-    } else if (event == Event::key && !keys_.empty()) {
-      const auto& key = parsed.get_ref<const std::string&>();
-      DR2NET_CHECK(keys_.back().insert(key).second,
-                   "safetensors header has the key '", key, "' twice in one object");
-    }
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override {
+    keys_.emplace_back();
     return true;
+  }
+  bool key(string_t& key) override {
+    if (!keys_.empty()) keys_.back().push_back(std::move(key));
+    return true;
+  }
+  bool end_object() override {
+    if (keys_.empty()) return true;
+    std::vector<std::string>& keys = keys_.back();
+    std::sort(keys.begin(), keys.end());
+    const auto dup = std::adjacent_find(keys.begin(), keys.end());
+    DR2NET_CHECK(dup == keys.end(), "safetensors header has the key '", *dup, "' twice in one object");
+    keys_.pop_back();
+    return true;
+  }
+  bool start_array(std::size_t) override { return true; }
+  bool end_array() override { return true; }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
+    DR2NET_FAIL("safetensors header is not valid JSON: ", e.what());
   }
 
  private:
-  std::vector<std::set<std::string>> keys_;
+  std::vector<std::vector<std::string>> keys_;
+};
+
+//! `what` failed with the OS error `err`: "what: reason".
+[[noreturn]] inline void fail_os(const std::string& what, int err) {
+  DR2NET_FAIL(what, ": ", std::strerror(err));
+}
+
+//! The largest header the reader accepts, as the reference implementation does: a real
+//! header is a few megabytes at most; a claim of gigabytes is a corrupt or hostile file.
+inline constexpr std::uint64_t kMaxHeaderSize = 100'000'000;
+
+//! Where a reader's bytes come from: a buffer it owns, or an open file read with pread.
+//!
+//! pread rather than mmap: a read error or a file truncated by someone else after
+//! it was opened becomes an error naming the file and the tensor, where a mapping
+//! would deliver SIGBUS; and pread needs no shared file position, so const reads
+//! from several threads are safe.
+class ByteSource {
+ public:
+  explicit ByteSource(std::vector<std::uint8_t> bytes)
+      : bytes_(std::move(bytes)), size_(bytes_.size()), where_("safetensors data") {}
+
+  //! Opens `path` for reading; errors name the path and the OS reason.
+  explicit ByteSource(const std::string& path) : path_(path), where_("safetensors file '" + path + "'") {
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) fail_os("cannot open safetensors file '" + path + "'", errno);
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0) {
+      const int err = errno;
+      ::close(fd_);
+      fail_os("cannot open safetensors file '" + path + "'", err);
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(fd_);
+      DR2NET_FAIL("cannot open safetensors file '", path, "': not a regular file");
+    }
+    size_ = static_cast<std::size_t>(st.st_size);
+  }
+  ~ByteSource() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  ByteSource(const ByteSource&) = delete;
+  ByteSource& operator=(const ByteSource&) = delete;
+
+  //! Total size in bytes.
+  std::size_t size() const { return size_; }
+  //! "safetensors file 'path'" or "safetensors data", for messages.
+  const std::string& where() const { return where_; }
+  //! The whole image when it is in memory, else null.
+  const std::uint8_t* memory() const { return fd_ < 0 ? bytes_.data() : nullptr; }
+  //! Whether the image is in memory (memory() may still be null for an empty one).
+  bool in_memory() const { return fd_ < 0; }
+
+  //! Copies `n` bytes at `offset` into `dst`; `what` names the content for messages.
+  void read(std::size_t offset, std::size_t n, std::uint8_t* dst, const std::string& what) const {
+    const std::size_t end = static_cast<std::size_t>(
+        checked::add(checked::to_int64(offset, "read offset"), checked::to_int64(n, "read size"), "read range"));
+    DR2NET_CHECK(end <= size_, "cannot read ", what, " from ", where_, ": bytes [", offset, ", ", end,
+                 ") lie beyond its ", size_, " bytes");
+    if (fd_ < 0) {
+      if (n != 0) std::memcpy(dst, bytes_.data() + offset, n);
+      return;
+    }
+    std::size_t done = 0;
+    while (done < n) {
+      // pread may return fewer bytes than asked; Linux caps one call near 2 GiB.
+      const std::size_t ask = std::min<std::size_t>(n - done, std::size_t{1} << 30);
+      const ssize_t got = ::pread(fd_, dst + done, ask, static_cast<off_t>(offset + done));
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        fail_os("cannot read " + what + " from " + where_, errno);
+      }
+      DR2NET_CHECK(got != 0, "cannot read ", what, " from ", where_, ": the file ended at byte ",
+                   offset + done, " of the ", size_, " it had when opened (changed while in use?)");
+      done += static_cast<std::size_t>(got);
+    }
+  }
+
+ private:
+  std::vector<std::uint8_t> bytes_;
+  int fd_ = -1;
+  std::size_t size_ = 0;
+  std::string path_;
+  std::string where_;
 };
 
 }  // namespace detail
 
-//! A checkpoint loaded into memory and validated; tensors are decoded on demand.
+//! A validated checkpoint; tensors are read and decoded on demand.
+//!
+//! Opening checks the header completely (its length against the file size first,
+//! then every entry's offsets against the data section) and keeps only the header's
+//! records; tensor data is read when a tensor is asked for. Copies share the open file.
 class SafetensorsReader {
  public:
-  //! Loads the whole file. Errors name the path: it cannot be opened or read,
-  //! or its content is invalid (see from_bytes).
+  //! Opens `path` and validates its header without reading tensor data. Errors
+  //! name the path: it cannot be opened, is not a regular file, or its content is
+  //! invalid (see from_bytes); the header length is checked against the file size
+  //! before anything is allocated for it.
   static SafetensorsReader from_file(const std::string& path) {
-    std::error_code ec;
-    const auto status = std::filesystem::status(path, ec);
-    DR2NET_CHECK(std::filesystem::exists(status), "cannot open safetensors file '", path,
-                 "': ", ec ? ec.message() : "no such file");
-    // A directory "opens" as a stream on some platforms and reports a bogus
-    // size; refuse anything that is not a regular file up front.
-    DR2NET_CHECK(std::filesystem::is_regular_file(status), "cannot open safetensors file '", path,
-                 "': not a regular file");
-    const std::uintmax_t size = std::filesystem::file_size(path, ec);
-    DR2NET_CHECK(!ec, "cannot open safetensors file '", path, "': ", ec.message());
-    std::ifstream in(path, std::ios::binary);
-    DR2NET_CHECK(in.is_open(), "cannot open safetensors file '", path, "'");
-    std::vector<std::uint8_t> bytes(static_cast<std::size_t>(size));
-    in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    DR2NET_CHECK(in.gcount() == static_cast<std::streamsize>(bytes.size()),
-                 "cannot read safetensors file '", path, "': got ", in.gcount(), " of ",
-                 bytes.size(), " bytes");
+    SafetensorsReader r;
+    r.source_ = std::make_shared<const detail::ByteSource>(path);
     try {
-      return from_bytes(std::move(bytes));
+      r.parse();
     } catch (const Error& e) {
       DR2NET_FAIL("in safetensors file '", path, "': ", e.detail());
     }
+    return r;
   }
 
   //! Takes ownership of a complete checkpoint image and validates the header,
@@ -301,10 +414,13 @@ class SafetensorsReader {
   //! section without overlapping (gaps are allowed).
   static SafetensorsReader from_bytes(std::vector<std::uint8_t> bytes) {
     SafetensorsReader r;
-    r.bytes_ = std::move(bytes);
+    r.source_ = std::make_shared<const detail::ByteSource>(std::move(bytes));
     r.parse();
     return r;
   }
+
+  //! "safetensors file 'path'" for a reader made by from_file, else "safetensors data".
+  const std::string& where() const { return source_->where(); }
 
   //! The `__metadata__` entries (empty if the header has none).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -320,10 +436,10 @@ class SafetensorsReader {
   //! Whether a tensor called `name` exists.
   bool contains(std::string_view name) const { return records_.find(name) != records_.end(); }
 
-  //! The record of tensor `name`; throws "missing tensor 'name'".
+  //! The record of tensor `name`; throws "missing tensor 'name' in <where()>".
   const TensorRecord& record(std::string_view name) const {
     const auto it = records_.find(name);
-    DR2NET_CHECK(it != records_.end(), "missing tensor '", name, "' in safetensors checkpoint");
+    DR2NET_CHECK(it != records_.end(), "missing tensor '", name, "' in ", where());
     return it->second;
   }
 
@@ -335,8 +451,8 @@ class SafetensorsReader {
       if (contains(name)) continue;
       missing += (count++ == 0 ? "'" : ", '") + name + "'";
     }
-    DR2NET_CHECK(count == 0, "missing ", count, count == 1 ? " tensor" : " tensors",
-                 " in safetensors checkpoint: ", missing);
+    DR2NET_CHECK(count == 0, "missing ", count, count == 1 ? " tensor" : " tensors", " in ", where(), ": ",
+                 missing);
   }
 
   //! Decodes tensor `name` into a new vector, converting from its stored dtype.
@@ -345,7 +461,7 @@ class SafetensorsReader {
     static_assert(detail::is_checkpoint_scalar_v<T>, "read<T> supports float and double");
     const TensorRecord& rec = record(name);
     std::vector<T> out(rec.numel());
-    detail::decode(data(rec), rec.dtype, out.size(), out.data());
+    decode_tensor(rec, out.data());
     return out;
   }
 
@@ -356,39 +472,80 @@ class SafetensorsReader {
                  T* dst) const {
     static_assert(detail::is_checkpoint_scalar_v<T>, "read_into<T> supports float and double");
     const TensorRecord& rec = record(name);
-    DR2NET_CHECK(rec.shape == expected_shape, "tensor '", name, "' has shape ",
+    DR2NET_CHECK(rec.shape == expected_shape, "tensor '", name, "' in ", where(), " has shape ",
                  format_shape(rec.shape), " but shape ", format_shape(expected_shape),
                  " was expected");
     DR2NET_CHECK(dst != nullptr || rec.numel() == 0, "read_into('", name,
                  "'): destination is null");
-    detail::decode(data(rec), rec.dtype, rec.numel(), dst);
+    decode_tensor(rec, dst);
   }
 
  private:
   SafetensorsReader() = default;
 
-  const std::uint8_t* data(const TensorRecord& rec) const {
-    return bytes_.data() + data_start_ + rec.begin;
+  //! Bytes read and decoded at a time from a file: bounds the staging buffer.
+  static constexpr std::size_t kChunkBytes = std::size_t{1} << 20;
+
+  template <class T>
+  void decode_tensor(const TensorRecord& rec, T* dst) const {
+    const std::size_t count = rec.numel();
+    if (count == 0) return;
+    const auto start = static_cast<std::size_t>(checked::add(checked::to_int64(data_start_, "data section start"),
+                                                             checked::to_int64(rec.begin, "tensor offset"),
+                                                             "tensor position in the file"));
+    if (source_->in_memory()) {
+      detail::decode(source_->memory() + start, rec.dtype, count, dst);
+      return;
+    }
+    const std::size_t width = dtype_size(rec.dtype);
+    const std::size_t chunk = kChunkBytes / width;
+    std::vector<std::uint8_t> buffer(std::min(count, chunk) * width);
+    const std::string what = "tensor '" + rec.name + "'";
+    for (std::size_t i = 0; i < count; i += chunk) {
+      const std::size_t n = std::min(chunk, count - i);
+      source_->read(start + i * width, n * width, buffer.data(), what);
+      detail::decode(buffer.data(), rec.dtype, n, dst + i);
+    }
   }
 
   void parse() {
-    DR2NET_CHECK(bytes_.size() >= 8, "safetensors data is truncated: ", bytes_.size(),
+    const std::size_t size = source_->size();
+    DR2NET_CHECK(size >= 8, "safetensors data is truncated: ", size,
                  " bytes, fewer than the 8-byte header length prefix");
-    const std::uint64_t header_len = detail::load_le(bytes_.data(), 8);
-    const std::size_t available = bytes_.size() - 8;
-    DR2NET_CHECK(header_len <= available, "safetensors header length ", header_len,
-                 " exceeds the ", available, " bytes after the 8-byte length prefix");
+    std::uint8_t prefix[8] = {};
+    source_->read(0, 8, prefix, "the header length");
+    const std::uint64_t header_len = detail::load_le(prefix, 8);
+    const std::size_t available = size - 8;
+    DR2NET_CHECK(header_len <= available, "safetensors header length ", header_len, " exceeds the ", available,
+                 " bytes after the 8-byte length prefix (", size, " bytes in all)");
+    DR2NET_CHECK(header_len <= detail::kMaxHeaderSize, "safetensors header length ", header_len,
+                 " exceeds the limit of ", detail::kMaxHeaderSize, " bytes");
     const auto header_size = static_cast<std::size_t>(header_len);
     data_start_ = 8 + header_size;
-    const std::size_t data_size = bytes_.size() - data_start_;
+    const std::size_t data_size = size - data_start_;
 
+    std::vector<std::uint8_t> from_file;
+    const std::uint8_t* first = nullptr;
+    if (source_->in_memory()) {
+      first = source_->memory() + 8;
+    } else {
+      from_file.resize(header_size);
+      source_->read(8, header_size, from_file.data(), "the header");
+      first = from_file.data();
+    }
+
+    // Two linear passes: syntax and duplicate keys by SAX, then the DOM.
+    {
+      detail::HeaderSyntaxCheck check;
+      (void)nlohmann::json::sax_parse(first, first + header_size, &check);
+    }
     nlohmann::json header;
     try {
-      const std::uint8_t* first = bytes_.data() + 8;
-      header = nlohmann::json::parse(first, first + header_size, detail::DuplicateKeyCheck{});
+      header = nlohmann::json::parse(first, first + header_size);
     } catch (const nlohmann::json::exception& e) {
       DR2NET_FAIL("safetensors header is not valid JSON: ", e.what());
     }
+    from_file = {};
     DR2NET_CHECK(header.is_object(), "safetensors header must be a JSON object, got ",
                  header.type_name());
 
@@ -397,7 +554,7 @@ class SafetensorsReader {
         parse_metadata(value);
       } else {
         TensorRecord rec = parse_entry(key, value, data_size);
-        records_.emplace(key, std::move(rec));
+        records_.emplace_hint(records_.end(), key, std::move(rec));
       }
     }
     check_overlaps();
@@ -495,7 +652,7 @@ class SafetensorsReader {
     }
   }
 
-  std::vector<std::uint8_t> bytes_;
+  std::shared_ptr<const detail::ByteSource> source_;
   std::size_t data_start_ = 0;
   std::map<std::string, TensorRecord, std::less<>> records_;
   std::map<std::string, std::string> metadata_;
@@ -541,6 +698,127 @@ class SafetensorsWriter {
   //! bytes (so the data section stays aligned), then the tensors contiguous in
   //! sorted-name order.
   std::vector<std::uint8_t> to_bytes() const {
+    std::size_t data_size = 0;
+    const std::string text = header_text(data_size);
+    // Sized once and filled in place.
+    std::vector<std::uint8_t> out(8 + text.size() + data_size);
+    detail::store_le(out.data(), text.size(), 8);
+    auto pos = std::copy(text.begin(), text.end(), out.begin() + 8);
+    for (const auto& [name, entry] : entries_) {
+      pos = std::copy(entry.data.begin(), entry.data.end(), pos);
+    }
+    return out;
+  }
+
+  //! Writes the checkpoint of to_bytes() to `path`, atomically: into a new
+  //! temporary file in the same directory, flushed to disk (fsync), then renamed
+  //! over `path` (the directory is synced too, best effort). If anything fails
+  //! (full disk, file-size limit, permissions, a directory that does not exist)
+  //! the temporary file is removed, a previous file at `path` is left untouched,
+  //! and the error names `path` and the OS reason. An existing file's permission
+  //! bits are kept; a new one gets 0666 less the umask.
+  void write_file(const std::string& path) const {
+    namespace fs = std::filesystem;
+    const std::string what = "cannot write safetensors file '" + path + "'";
+    const fs::path target(path);
+    DR2NET_CHECK(!path.empty() && target.has_filename(), what, ": not a file name");
+    const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+    std::error_code ec;
+    const auto dir_status = fs::status(dir, ec);
+    DR2NET_CHECK(fs::exists(dir_status), what, ": directory '", dir.string(), "' does not exist");
+    DR2NET_CHECK(fs::is_directory(dir_status), what, ": '", dir.string(), "' is not a directory");
+    struct stat old {};
+    const bool replacing = ::stat(path.c_str(), &old) == 0;
+    DR2NET_CHECK(!replacing || !S_ISDIR(old.st_mode), what, ": it is a directory");
+
+    std::size_t data_size = 0;
+    const std::string text = header_text(data_size);
+    std::uint8_t prefix[8] = {};
+    detail::store_le(prefix, text.size(), 8);
+
+    TempFile tmp(dir, target.filename().string(), what);
+    if (replacing) (void)::fchmod(tmp.fd, old.st_mode & 07777);  // best effort
+    tmp.write(prefix, sizeof prefix);
+    tmp.write(reinterpret_cast<const std::uint8_t*>(text.data()), text.size());
+    for (const auto& [name, entry] : entries_) tmp.write(entry.data.data(), entry.data.size());
+    tmp.commit(path);
+
+    // Make the rename itself durable; failing here loses nothing, so it is not an error.
+    const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir_fd >= 0) {
+      (void)::fsync(dir_fd);
+      ::close(dir_fd);
+    }
+  }
+
+ private:
+  struct Entry {
+    DType dtype;
+    std::vector<std::int64_t> shape;
+    std::vector<std::uint8_t> data;  //!< already encoded little-endian
+  };
+
+  // A new, uniquely named file beside the target, removed unless commit() renamed it.
+  struct TempFile {
+    std::string path;
+    int fd = -1;
+    const std::string& what;
+
+    TempFile(const std::filesystem::path& dir, const std::string& name, const std::string& what_)
+        : what(what_) {
+      static std::atomic<unsigned> counter{0};
+      std::random_device rd;
+      for (int attempt = 0; attempt < 100; ++attempt) {
+        // Hidden and unmistakable, short enough for any file-name limit; O_EXCL makes it ours alone.
+        std::string leaf = ".";  // appended piecewise: gcc 12 misreports "." + string
+        leaf.append(name, 0, 160);
+        leaf.append(".tmp.").append(std::to_string(::getpid())).append(".");
+        leaf.append(std::to_string(counter++)).append(".").append(std::to_string(rd()));
+        const std::string candidate = (dir / leaf).string();
+        fd = ::open(candidate.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd >= 0) {
+          path = candidate;
+          return;
+        }
+        if (errno != EEXIST) {
+          detail::fail_os(what + ": cannot create a temporary file in '" + dir.string() + "'", errno);
+        }
+      }
+      DR2NET_FAIL(what, ": cannot find an unused temporary file name in '", dir.string(), "'");
+    }
+    ~TempFile() {
+      if (fd >= 0) ::close(fd);
+      if (!path.empty()) ::unlink(path.c_str());
+    }
+    TempFile(const TempFile&) = delete;
+    TempFile& operator=(const TempFile&) = delete;
+
+    void write(const std::uint8_t* p, std::size_t n) {
+      while (n > 0) {
+        const ssize_t done = ::write(fd, p, std::min<std::size_t>(n, std::size_t{1} << 30));
+        if (done < 0) {
+          if (errno == EINTR) continue;
+          detail::fail_os(what, errno);
+        }
+        p += done;
+        n -= static_cast<std::size_t>(done);
+      }
+    }
+
+    // Flushes, closes and renames over `target`; on failure the destructor cleans up.
+    void commit(const std::string& target) {
+      if (::fsync(fd) != 0) detail::fail_os(what, errno);
+      const int closing = fd;
+      fd = -1;
+      if (::close(closing) != 0) detail::fail_os(what, errno);
+      if (::rename(path.c_str(), target.c_str()) != 0) detail::fail_os(what, errno);
+      path.clear();
+    }
+  };
+
+  // The JSON header padded with spaces to a multiple of 8 bytes; `data_size` receives the
+  // size of the data section it describes.
+  std::string header_text(std::size_t& data_size) const {
     nlohmann::json header = nlohmann::json::object();
     if (!metadata_.empty()) header["__metadata__"] = metadata_;
     std::size_t offset = 0;
@@ -552,34 +830,9 @@ class SafetensorsWriter {
     }
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
-
-    // Sized once and filled in place (offset is now the data section's size).
-    std::vector<std::uint8_t> out(8 + text.size() + offset);
-    detail::store_le(out.data(), text.size(), 8);
-    auto pos = std::copy(text.begin(), text.end(), out.begin() + 8);
-    for (const auto& [name, entry] : entries_) {
-      pos = std::copy(entry.data.begin(), entry.data.end(), pos);
-    }
-    return out;
+    data_size = offset;
+    return text;
   }
-
-  //! Writes to_bytes() to `path`, replacing it; errors name the path.
-  void write_file(const std::string& path) const {
-    const std::vector<std::uint8_t> bytes = to_bytes();
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    DR2NET_CHECK(out.is_open(), "cannot open '", path, "' for writing a safetensors file");
-    out.write(reinterpret_cast<const char*>(bytes.data()),
-              static_cast<std::streamsize>(bytes.size()));
-    out.close();
-    DR2NET_CHECK(!out.fail(), "cannot write safetensors file '", path, "'");
-  }
-
- private:
-  struct Entry {
-    DType dtype;
-    std::vector<std::int64_t> shape;
-    std::vector<std::uint8_t> data;  //!< already encoded little-endian
-  };
 
   // Rejects strings the JSON header cannot hold (invalid UTF-8) now, where the
   // caller can still tell which one it was, instead of failing in to_bytes().
