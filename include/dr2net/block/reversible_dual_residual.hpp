@@ -20,6 +20,7 @@
 
 #include "dr2net/block/combine.hpp"
 #include "dr2net/block/residual_function.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/tensor.hpp"
 #include "dr2net/precision/precision.hpp"
@@ -89,13 +90,13 @@ class ModuleWorkspace {
   void prepare(Ctx& ctx, const Shape& shape, std::size_t scratch_elements) {
     shape_ = shape;
     const auto n = static_cast<std::size_t>(shape.numel());
-    ctx.reserve(f_, n, MemoryCategory::Scratch);
-    ctx.reserve(scratch_, scratch_elements, MemoryCategory::Scratch);
+    ctx.reserve(f_, n, MemoryCategory::Scratch, "module workspace: function output");
+    ctx.reserve(scratch_, scratch_elements, MemoryCategory::Scratch, "module workspace: function scratch");
     scratch_elements_ = scratch_elements;
-    if constexpr (kMixedInput) ctx.reserve(in_, n, MemoryCategory::Scratch);
+    if constexpr (kMixedInput) ctx.reserve(in_, n, MemoryCategory::Scratch, "module workspace: compute-typed input");
     if constexpr (kMixedGradient) {
-      ctx.reserve(gout_, n, MemoryCategory::Scratch);
-      ctx.reserve(gin_, n, MemoryCategory::Scratch);
+      ctx.reserve(gout_, n, MemoryCategory::Scratch, "module workspace: output gradient");
+      ctx.reserve(gin_, n, MemoryCategory::Scratch, "module workspace: input gradient");
     }
   }
   void release() {
@@ -176,10 +177,10 @@ class ReversibleDualResidual {
   //! Scratch elements of F (module 0 of this layer) and G (module 1) for a stream of `shape`.
   //! Errors that a function raises for the shape come back naming the module.
   std::size_t saved_elements_f(const Shape& shape, int layer) const {
-    return with_module(2 * layer, "F", [&] { return static_cast<std::size_t>(f_.saved_elements(shape)); });
+    return with_module(2 * layer, "F", [&] { return scratch_size(f_.saved_elements(shape)); });
   }
   std::size_t saved_elements_g(const Shape& shape, int layer) const {
-    return with_module(2 * layer + 1, "G", [&] { return static_cast<std::size_t>(g_.saved_elements(shape)); });
+    return with_module(2 * layer + 1, "G", [&] { return scratch_size(g_.saved_elements(shape)); });
   }
 
   //! The layer's coefficients at this call; non-finite values from the schedule are errors.
@@ -323,6 +324,17 @@ class ReversibleDualResidual {
 
   static ModuleCall<context_type> module_call(context_type& ctx, const LayerCall& call, int module) {
     return ModuleCall<context_type>{ctx, module, call.step, call.seed, call.training};
+  }
+
+  //! A function's scratch size as size_t; a negative one (from a signed return type) is an
+  //! error instead of a huge unsigned size, and so is one whose bytes overflow.
+  template <class N>
+  static std::size_t scratch_size(N elements) {
+    std::size_t r = 0;
+    if constexpr (std::is_signed_v<N>) r = checked::to_size(static_cast<std::int64_t>(elements), "saved_elements()");
+    else r = static_cast<std::size_t>(elements);
+    (void)checked::bytes(checked::to_int64(r, "saved_elements()"), sizeof(C), "saved_elements() of scratch");
+    return r;
   }
 
   //! Runs `body`, re-raising any error with the module it happened in.

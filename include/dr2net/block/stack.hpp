@@ -30,8 +30,10 @@
 #include <vector>
 
 #include "dr2net/block/reversible_dual_residual.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
+#include "dr2net/core/moved_from.hpp"
 #include "dr2net/core/reconstruction.hpp"
 #include "dr2net/core/tensor.hpp"
 
@@ -144,32 +146,55 @@ class ReversibleStack {
                    " modules (0 to ", num_modules() - 1, ")");
     }
     error_scale_ = options_.error_bound.initial_error_scale;
-    std::size_t bytes = 0;
-    for_each_parameter([&](std::string_view, TensorView<compute_type> v, TensorView<compute_type>) {
-      bytes += v.size() * sizeof(compute_type);
+    // The layers' parameters and gradients are recorded here, once per tensor (their storage,
+    // Parameter or DeviceParameter, is not metered itself), through the context, so that a
+    // memory limit refuses a model that does not fit naming the tensor that crossed it.
+    for_each_parameter([&](std::string_view name, TensorView<compute_type> v, TensorView<compute_type> g) {
+      const std::string tensor(name);
+      const std::string pw = "parameter '" + tensor + "' of shape " + v.shape().str();
+      const std::string gw = "gradient of parameter '" + tensor + "' of shape " + g.shape().str();
+      parameter_bytes_.push_back(record_bytes(MemoryCategory::Parameters, v.numel(), pw));
+      parameter_bytes_.push_back(record_bytes(MemoryCategory::Gradients, g.numel(), gw));
     });
-    parameter_bytes_ = MeterReservation(ctx.meter(), MemoryCategory::Parameters, bytes);
-    gradient_bytes_ = MeterReservation(ctx.meter(), MemoryCategory::Gradients, bytes);
   }
 
-  int num_layers() const noexcept { return static_cast<int>(layers_.size()); }
-  int num_modules() const noexcept { return 2 * num_layers(); }
-  Block& layer(int i) { return layers_.at(static_cast<std::size_t>(i)); }
-  schedule_type& schedule() noexcept { return schedule_; }
+  //! A moved-from stack refuses every call with dr2net::Error ("... was moved from").
+  ReversibleStack(ReversibleStack&&) = default;
+  ReversibleStack& operator=(ReversibleStack&&) = default;
+  ReversibleStack(const ReversibleStack&) = delete;
+  ReversibleStack& operator=(const ReversibleStack&) = delete;
+  ~ReversibleStack() = default;
+
+  int num_layers() const {
+    live("ReversibleStack::num_layers()");
+    return static_cast<int>(layers_.size());
+  }
+  int num_modules() const { return 2 * num_layers(); }
+  Block& layer(int i) {
+    live("ReversibleStack::layer()");
+    return layers_.at(static_cast<std::size_t>(i));
+  }
+  schedule_type& schedule() {
+    live("ReversibleStack::schedule()");
+    return schedule_;
+  }
   const StackOptions& options() const noexcept { return options_; }
   context_type& context() noexcept { return *ctx_; }
 
   BackpropMode mode() const noexcept { return options_.mode; }
   //! Switching mode discards a pending forward.
   void set_mode(BackpropMode m) {
+    live("ReversibleStack::set_mode()");
     options_.mode = m;
     state_ = State::Idle;
   }
   void set_output(StackOutput o) {
+    live("ReversibleStack::set_output()");
     options_.output = o;
     state_ = State::Idle;
   }
   void set_error_bound(const ErrorBoundOptions& eb) {
+    live("ReversibleStack::set_error_bound()");
     StackOptions o = options_;
     o.error_bound = eb;
     check_options(o);
@@ -178,6 +203,7 @@ class ReversibleStack {
     state_ = State::Idle;
   }
   void set_guard(ReconstructionGuard guard) {
+    live("ReversibleStack::set_guard()");
     StackOptions o = options_;
     o.guard = guard;
     check_options(o);
@@ -187,10 +213,16 @@ class ReversibleStack {
 
   //! Coefficients of `module` at `step`, as the arithmetic uses them (for fixed-point streams:
   //! the schedule's values rounded to the 2^-24 grid).
-  Coefficients coefficients(std::int64_t step, int module) const { return Block::coefficients(schedule_, step, module); }
+  Coefficients coefficients(std::int64_t step, int module) const {
+    live("ReversibleStack::coefficients()");
+    return Block::coefficients(schedule_, step, module);
+  }
 
   //! The reconstruction monitor's report of this stack's latest backward.
-  const ReconstructionReport& reconstruction() const noexcept { return report_; }
+  const ReconstructionReport& reconstruction() const {
+    live("ReversibleStack::reconstruction()");
+    return report_;
+  }
 
   //! Side bits per element that `module` keeps at `step` in exact reversible mode (0 without
   //! fixed-point streams, or when |beta| >= 1).
@@ -201,22 +233,28 @@ class ReversibleStack {
   //! Module boundaries holding a snapshot in the last error-bounded forward (boundary m is the
   //! input of module m).
   std::vector<int> snapshot_boundaries() const {
+    live("ReversibleStack::snapshot_boundaries()");
     std::vector<int> b;
     for (std::size_t m = 0; m < snapshot_slot_.size(); ++m)
       if (snapshot_slot_[m] >= 0) b.push_back(static_cast<int>(m));
     return b;
   }
   //! The error-bounded controller's current error constant.
-  double error_scale() const noexcept { return error_scale_; }
+  double error_scale() const {
+    live("ReversibleStack::error_scale()");
+    return error_scale_;
+  }
 
   //! Training forward at `step`: out = y_N (or the stream mean). Prepares one backward().
   void forward(ConstView<value_type> h0, TensorView<value_type> out, std::int64_t step) {
+    live("ReversibleStack::forward()");
     run_forward(h0, out, step, /*training=*/true);
     state_ = State::Forwarded;
   }
 
   //! Inference forward: no dropout or drop-path, nothing kept for a backward.
   void predict(ConstView<value_type> h0, TensorView<value_type> out, std::int64_t step) {
+    live("ReversibleStack::predict()");
     run_forward(h0, out, step, /*training=*/false);
   }
 
@@ -226,6 +264,7 @@ class ReversibleStack {
   //! the sample kept in forward (StackOptions::monitor_samples). Throws dr2net::Error on a
   //! non-finite value, an exact-mode mismatch, or (by default) a guard trip.
   void backward(ConstView<value_type> dout, TensorView<value_type> dh0, ConstView<value_type> h0 = {}) {
+    live("ReversibleStack::backward()");
     DR2NET_CHECK(state_ != State::BackwardDone,
                  "backward() called twice for one forward(): the forward's state was consumed by the first "
                  "backward (step ", step_, ")");
@@ -245,11 +284,18 @@ class ReversibleStack {
 
   //! After a reversible backward: the reconstructed input streams (x_0, y_0), both of which
   //! should equal h0 up to the reconstruction error.
-  ConstView<stream_type> reconstructed_x() const { return x_.view(shape_); }
-  ConstView<stream_type> reconstructed_y() const { return y_.view(shape_); }
+  ConstView<stream_type> reconstructed_x() const {
+    live("ReversibleStack::reconstructed_x()");
+    return x_.view(shape_);
+  }
+  ConstView<stream_type> reconstructed_y() const {
+    live("ReversibleStack::reconstructed_y()");
+    return y_.view(shape_);
+  }
 
   //! Sets every parameter gradient to zero.
   void zero_grad() {
+    live("ReversibleStack::zero_grad()");
     for_each_parameter([&](std::string_view, TensorView<compute_type>, TensorView<compute_type> g) {
       for_each_index(*ctx_, g.size(), Fill<compute_type>{g.data(), compute_type(0)});
     });
@@ -258,12 +304,14 @@ class ReversibleStack {
   //! Calls visit(name, value, grad) for every parameter, as "blocks.{i}.<function>.<name>".
   template <class Visit>
   void for_each_parameter(Visit&& visit) {
+    live("ReversibleStack::for_each_parameter()");
     for (std::size_t i = 0; i < layers_.size(); ++i)
       layers_[i].for_each_parameter("blocks." + std::to_string(i), visit);
   }
 
   //! Every parameter with its gradient, in a fixed order.
   std::vector<NamedParameter<compute_type>> parameters() {
+    live("ReversibleStack::parameters()");
     std::vector<NamedParameter<compute_type>> out;
     for_each_parameter([&](std::string_view name, TensorView<compute_type> v, TensorView<compute_type> g) {
       out.push_back({std::string(name), v, g});
@@ -274,6 +322,7 @@ class ReversibleStack {
   //! Frees the cached stream, gradient, workspace and storage buffers (a pending forward is
   //! discarded). They are otherwise kept from step to step, sized for the largest shape seen.
   void release_workspace() {
+    live("ReversibleStack::release_workspace()");
     x_.reset();
     y_.reset();
     grad_x_.reset();
@@ -309,6 +358,18 @@ class ReversibleStack {
                  ", decay ", eb.error_scale_decay);
     DR2NET_CHECK(o.guard.max_relative_error > 0, "guard.max_relative_error must be positive, got ",
                  o.guard.max_relative_error);
+  }
+
+  //! Refuses any call on a stack that was moved from (its layers and buffers went with the move).
+  void live(const char* call) const { moved_.check(call); }
+
+  //! Bytes of `elements` compute-typed values of `category`, recorded through the context.
+  MeterReservation record_bytes(MemoryCategory category, std::int64_t elements, const std::string& what) {
+    const std::size_t bytes = checked::bytes(elements, sizeof(C), what.c_str());
+    if constexpr (requires { ctx_->reserve_bytes(category, bytes, what.c_str()); })
+      return ctx_->reserve_bytes(category, bytes, what.c_str());
+    else
+      return MeterReservation(ctx_->meter(), category, bytes);
   }
 
   LayerCall layer_call(int l, bool training) {
@@ -512,11 +573,16 @@ class ReversibleStack {
           sb.width = w;
           sb.per_word = fixed::elements_per_word(w);
           offsets[static_cast<std::size_t>(m)] = words;
-          words += (n + static_cast<std::size_t>(sb.per_word) - 1) / static_cast<std::size_t>(sb.per_word);
+          const std::string what = "ReversibleStack: side bits of " + module_name(m) + " for streams of shape " +
+                                   shape_.str();
+          words = checked::to_size(
+              checked::add(checked::to_int64(words, what.c_str()),
+                           checked::to_int64(ceil_div(n, static_cast<std::size_t>(sb.per_word)), what.c_str()), what.c_str()),
+              what.c_str());
         }
         if (side_bits_.size() != words) {
           side_bits_.reset();
-          if (words > 0) side_bits_ = ctx_->template allocate<std::uint64_t>(words, MemoryCategory::SideBits);
+          if (words > 0) side_bits_ = ctx_->template allocate<std::uint64_t>(words, MemoryCategory::SideBits, "side bits");
         }
         for (std::size_t m = 0; m < module_side_.size(); ++m)
           if (module_side_[m].width > 0) module_side_[m].words = side_bits_.data() + offsets[m];
@@ -526,6 +592,42 @@ class ReversibleStack {
     (void)keep;
     side_bits_.reset();
   }
+
+  //! Every element and byte count a forward at shape_ allocates, in checked arithmetic, before
+  //! anything is allocated: a shape whose streams, workspace, stored inputs or snapshots would
+  //! overflow a 64-bit size is refused naming the quantity and its factors. Returns the total
+  //! of the modules' saved internals (standard mode's second arena).
+  std::size_t check_sizes(std::size_t scratch, bool standard) const {
+    const std::int64_t n = shape_.numel();
+    const std::string at = " for streams of shape " + shape_.str();
+    const auto bytes = [&](std::int64_t count, std::size_t size, const char* quantity) {
+      const std::string what = std::string("ReversibleStack: ") + quantity + at;
+      (void)checked::bytes(count, size, what.c_str());
+    };
+    bytes(n, sizeof(S), "the stream buffers x and y");
+    bytes(n, sizeof(V), "the stream gradients");
+    bytes(n, sizeof(C), "the module workspace");
+    bytes(checked::to_int64(scratch, "ReversibleStack: a residual function's scratch"), sizeof(C),
+          "the largest residual function's scratch");
+    std::int64_t saved_total = 0;
+    if (standard) {
+      const std::string inputs = "ReversibleStack: standard mode's stored inputs (" + std::to_string(num_modules()) +
+                                 " modules x the stream)" + at;
+      (void)checked::bytes(checked::mul(n, num_modules(), inputs.c_str()), sizeof(S), inputs.c_str());
+      const std::string saved = "ReversibleStack: standard mode's saved internals of all modules" + at;
+      for (std::size_t sz : saved_sizes_)
+        saved_total = checked::add(saved_total, checked::to_int64(sz, saved.c_str()), saved.c_str());
+      bytes(saved_total, sizeof(C), "standard mode's saved internals of all modules");
+    }
+    if (num_snapshots_ > 0) {
+      const std::string snaps = "ReversibleStack: " + std::to_string(num_snapshots_) + " stream snapshots" + at;
+      bytes(checked::product({2, n, num_snapshots_}, snaps.c_str()), sizeof(S), "the stream snapshots");
+    }
+    return static_cast<std::size_t>(saved_total);
+  }
+
+  //! ceil(a / b) without forming a + b - 1.
+  static std::size_t ceil_div(std::size_t a, std::size_t b) { return a / b + (a % b != 0 ? 1 : 0); }
 
   //! Module m in forward overwrites the x stream (F, m even) or the y stream (G, m odd).
   S* overwritten(int m) { return (m % 2 == 0 ? x_ : y_).data(); }
@@ -559,10 +661,11 @@ class ReversibleStack {
                           saved_sizes_[static_cast<std::size_t>(2 * l + 1)]});
     }
     if (training) plan_snapshots();
+    const std::size_t saved_total = check_sizes(scratch, standard);
 
     const auto n = static_cast<std::size_t>(shape_.numel());
-    ctx_->reserve(x_, n, MemoryCategory::Streams);
-    ctx_->reserve(y_, n, MemoryCategory::Streams);
+    ctx_->reserve(x_, n, MemoryCategory::Streams, "stream x");
+    ctx_->reserve(y_, n, MemoryCategory::Streams, "stream y");
     workspace_.prepare(*ctx_, shape_, scratch);
     if (training && !standard) {  // a mode switch must not leave the other mode's storage behind
       stored_inputs_.reset();
@@ -570,17 +673,17 @@ class ReversibleStack {
     }
     if (training && forward_mode_ != BackpropMode::ErrorBounded) snapshots_.reset();
     if (standard) {
-      std::size_t saved_total = 0;
-      for (std::size_t sz : saved_sizes_) saved_total += sz;
-      ctx_->reserve(stored_inputs_, n * saved_sizes_.size(), MemoryCategory::SavedActivations);
-      ctx_->reserve(stored_saved_, saved_total, MemoryCategory::SavedActivations);
+      ctx_->reserve(stored_inputs_, n * saved_sizes_.size(), MemoryCategory::SavedActivations,
+                    "standard mode's stored module inputs");
+      ctx_->reserve(stored_saved_, saved_total, MemoryCategory::SavedActivations,
+                    "standard mode's saved internals");
     }
     if (training && forward_mode_ == BackpropMode::ErrorBounded) {
       // Exactly as many snapshots as planned, so the meter shows this step's cost.
       const std::size_t need = 2 * n * static_cast<std::size_t>(num_snapshots_);
       if (snapshots_.size() != need) {
         snapshots_.reset();
-        if (need > 0) snapshots_ = ctx_->template allocate<S>(need, MemoryCategory::SavedActivations);
+        if (need > 0) snapshots_ = ctx_->template allocate<S>(need, MemoryCategory::SavedActivations, "stream snapshots");
       }
     }
     if (training) plan_side_bits(reversible);
@@ -854,7 +957,8 @@ class ReversibleStack {
   std::vector<Block> layers_;
   schedule_type schedule_;
   StackOptions options_;
-  MeterReservation parameter_bytes_, gradient_bytes_;
+  std::vector<MeterReservation> parameter_bytes_;  // per tensor: its Parameters, then its Gradients
+  MovedFromGuard moved_;
 
   State state_ = State::Idle;
   BackpropMode forward_mode_ = BackpropMode::Reversible;  // the mode the pending forward ran in

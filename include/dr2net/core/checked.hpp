@@ -12,6 +12,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <type_traits>
 
 #include "dr2net/core/error.hpp"
@@ -84,7 +85,7 @@ namespace dr2net::checked {
   DR2NET_CHECK(count >= 0, what, ": negative element count ", count);
   std::size_t r = 0;
   DR2NET_CHECK(!__builtin_mul_overflow(static_cast<std::size_t>(count), element_size, &r), what, ": ",
-               count, " elements of ", element_size, " bytes overflow a size_t byte count");
+               count, " elements of ", element_size, " bytes: the byte count overflows a size_t");
   return r;
 }
 
@@ -100,5 +101,50 @@ namespace dr2net::checked {
                " exceeds a 64-bit signed size");
   return static_cast<std::int64_t>(v);
 }
+
+//! Offsets of consecutive regions in one arena (a function's saved internals, say), each
+//! region's size a product of factors, every region starting on a multiple of `unit`
+//! elements, all in checked arithmetic. The error of an overflow names the owner, the region
+//! and its factors: "VitAttention saved internals for input [2, 65536, 64]: attention
+//! probabilities (batch x heads x tokens x tokens): size 2 x 4 x 65536 x 65536 ...". Nothing
+//! is formatted unless a size overflows.
+class RegionLayout {
+ public:
+  //! `owner` must outlive the layout (a literal, or a string the caller keeps).
+  explicit RegionLayout(std::string_view owner, std::int64_t unit = 1) : owner_(owner), unit_(unit) {
+    DR2NET_CHECK(unit > 0, owner, ": region alignment ", unit, " must be positive");
+  }
+
+  //! Appends a region of product(factors) elements; returns its offset. `region` names it.
+  std::int64_t take(std::initializer_list<std::int64_t> factors, std::string_view region) {
+    std::optional<std::int64_t> size = 1;
+    for (std::int64_t f : factors) size = size ? try_mul(*size, f) : std::nullopt;
+    if (!size) fail(std::span<const std::int64_t>(factors.begin(), factors.size()), region);
+    const std::int64_t at = next_;
+    const auto end = try_add(next_, *size);
+    const auto padded = end ? try_add(*end, unit_ - 1) : std::nullopt;
+    if (!padded) fail_total(region, *size);
+    next_ = *padded / unit_ * unit_;
+    return at;
+  }
+
+  //! Elements of all regions (a multiple of unit).
+  std::int64_t total() const noexcept { return next_; }
+
+ private:
+  [[noreturn]] void fail(std::span<const std::int64_t> factors, std::string_view region) const {
+    const std::string what = std::string(owner_) + ": " + std::string(region);
+    (void)product(factors, what.c_str());  // throws, naming the factors
+    DR2NET_FAIL(what, ": size overflows");  // not reached
+  }
+  [[noreturn]] void fail_total(std::string_view region, std::int64_t size) const {
+    DR2NET_FAIL(owner_, ": the arena's ", next_, " elements + ", size, " of ", region,
+                " overflow a 64-bit size");
+  }
+
+  std::string_view owner_;
+  std::int64_t unit_ = 1;
+  std::int64_t next_ = 0;
+};
 
 }  // namespace dr2net::checked

@@ -6,11 +6,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <ostream>
 #include <span>
 #include <string>
 #include <type_traits>
 
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 
 namespace dr2net {
@@ -30,12 +32,9 @@ class Shape {
     DR2NET_CHECK(i >= 0 && i < rank_, "dimension ", i, " out of range for shape ", str());
     return dims_[static_cast<std::size_t>(i)];
   }
-  //! Number of elements (1 for rank 0).
-  std::int64_t numel() const noexcept {
-    std::int64_t n = 1;
-    for (int i = 0; i < rank_; ++i) n *= dims_[static_cast<std::size_t>(i)];
-    return n;
-  }
+  //! Number of elements (1 for rank 0). Construction refused every shape whose element count
+  //! overflows int64, so this is exact.
+  std::int64_t numel() const noexcept { return numel_; }
   //! Size of the last dimension: the feature width D of a stream [B, N, D].
   std::int64_t last() const { return rank_ == 0 ? 1 : dims_[static_cast<std::size_t>(rank_ - 1)]; }
   //! Product of every dimension but the last: the number of token rows.
@@ -62,18 +61,33 @@ class Shape {
  private:
   void assign(const std::int64_t* dims, std::size_t n) {
     DR2NET_CHECK(n <= static_cast<std::size_t>(kMaxRank), "rank ", n, " exceeds the maximum rank ", kMaxRank);
-    rank_ = static_cast<int>(n);
+    for (std::size_t i = 0; i < n; ++i)
+      DR2NET_CHECK(dims[i] >= 0, "negative dimension ", dims[i], " at index ", i, " of shape ", list(dims, n));
+    // The element count in checked arithmetic: a shape whose count overflows int64 is refused
+    // here, naming its dimensions, so numel() and every size derived from it cannot wrap. (The
+    // message is built only on failure: shapes are made on every call.)
     std::int64_t total = 1;
     for (std::size_t i = 0; i < n; ++i) {
-      DR2NET_CHECK(dims[i] >= 0, "negative dimension ", dims[i], " at index ", i);
-      DR2NET_CHECK(dims[i] == 0 || total <= INT64_MAX / dims[i], "shape element count overflows");
-      total *= dims[i];
-      dims_[i] = dims[i];
+      const auto r = checked::try_mul(total, dims[i]);
+      if (!r) {
+        const std::string what = "element count of shape " + list(dims, n);
+        (void)checked::product(std::span<const std::int64_t>(dims, n), what.c_str());  // throws, naming the dims
+      }
+      total = r.value_or(0);
     }
+    numel_ = total;
+    rank_ = static_cast<int>(n);
+    for (std::size_t i = 0; i < n; ++i) dims_[i] = dims[i];
+  }
+  static std::string list(const std::int64_t* dims, std::size_t n) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+    return s + "]";
   }
 
   std::array<std::int64_t, kMaxRank> dims_{};
   int rank_ = 0;
+  std::int64_t numel_ = 1;
 };
 
 //! Non-owning view of a strided tensor. `TensorView<const T>` is the read-only form.
@@ -90,14 +104,25 @@ class TensorView {
     std::int64_t s = 1;
     for (int i = shape.rank() - 1; i >= 0; --i) {
       strides_[static_cast<std::size_t>(i)] = s;
-      s *= shape[i];
+      s = next_stride(s, shape[i]);
     }
   }
   //! A strided view; strides are in elements and must be non-negative.
   TensorView(T* data, Shape shape, Strides strides) : data_(data), shape_(shape), strides_(strides) {
     DR2NET_CHECK(data != nullptr || shape.numel() == 0, "null data for a tensor of shape ", shape);
-    for (int i = 0; i < shape.rank(); ++i)
-      DR2NET_CHECK(strides[static_cast<std::size_t>(i)] >= 0, "negative stride at dimension ", i);
+    // The last element's offset, sum (dim_i - 1) stride_i, in checked arithmetic: a view whose
+    // offsets overflow int64 is refused before any index is formed from its strides.
+    std::int64_t extent = 0;
+    for (int i = 0; i < shape.rank(); ++i) {
+      const std::int64_t st = strides[static_cast<std::size_t>(i)];
+      DR2NET_CHECK(st >= 0, "negative stride ", st, " at dimension ", i, " of a view of shape ", shape);
+      if (shape.numel() == 0) continue;
+      const auto term = checked::try_mul(shape[i] - 1, st);
+      const auto sum = term ? checked::try_add(extent, *term) : std::nullopt;
+      DR2NET_CHECK(sum.has_value(), "strided view of shape ", shape, ": the offset of its last element overflows "
+                   "a 64-bit index at dimension ", i, " (stride ", st, ")");
+      extent = *sum;
+    }
   }
 
   //! A mutable view converts to a read-only one.
@@ -118,7 +143,7 @@ class TensorView {
     std::int64_t s = 1;
     for (int i = shape_.rank() - 1; i >= 0; --i) {
       if (shape_[i] != 1 && strides_[static_cast<std::size_t>(i)] != s) return false;
-      s *= shape_[i];
+      s = next_stride(s, shape_[i]);
     }
     return true;
   }
@@ -137,6 +162,14 @@ class TensorView {
   }
 
  private:
+  //! stride * dim for the next dimension to the left. It can only exceed int64 in a shape that
+  //! holds no element (a zero dimension to the left of large ones), whose strides are never used
+  //! to form an address: 0 then, instead of a signed overflow.
+  static std::int64_t next_stride(std::int64_t stride, std::int64_t dim) noexcept {
+    const auto r = checked::try_mul(stride, dim);
+    return r ? *r : 0;
+  }
+
   T* data_ = nullptr;
   Shape shape_{};
   Strides strides_{};

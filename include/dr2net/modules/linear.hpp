@@ -19,11 +19,8 @@ class Linear {
  public:
   //! `name` is the layer's path ("attn.qkv"); its tensors are "<name>.weight", "<name>.bias".
   Linear(const std::string& name, std::int64_t in_features, std::int64_t out_features)
-      : in_(in_features), out_(out_features), weight_(name + ".weight", Shape{out_features, in_features}),
-        bias_(name + ".bias", Shape{out_features}) {
-    DR2NET_CHECK(in_features > 0 && out_features > 0, "linear layer ", name, ": sizes must be positive, got in = ",
-                 in_features, ", out = ", out_features);
-  }
+      : in_(in_features), out_(out_features), weight_(name + ".weight", weight_shape(name, in_features, out_features)),
+        bias_(name + ".bias", Shape{out_features}) {}
 
   std::int64_t in_features() const noexcept { return in_; }
   std::int64_t out_features() const noexcept { return out_; }
@@ -77,6 +74,13 @@ class Linear {
   }
 
  private:
+  //! [out, in], after checking both sizes (before any storage is allocated).
+  static Shape weight_shape(const std::string& name, std::int64_t in_features, std::int64_t out_features) {
+    DR2NET_CHECK(in_features > 0 && out_features > 0, "linear layer ", name, ": sizes must be positive, got in = ",
+                 in_features, ", out = ", out_features);
+    return Shape{out_features, in_features};
+  }
+
   std::int64_t in_, out_;
   Parameter<T> weight_, bias_;
 };

@@ -7,13 +7,24 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <numbers>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>
+#endif
+
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
+#include "dr2net/core/memory_meter.hpp"
+#include "dr2net/core/moved_from.hpp"
 #include "dr2net/core/philox.hpp"
 #include "dr2net/core/tensor.hpp"
 
@@ -27,26 +38,114 @@ constexpr std::uint64_t mix_seed(std::uint64_t seed, std::uint64_t salt) {
   return z ^ (z >> 31);
 }
 
-//! A named tensor of weights and the same-shaped gradient, both owned (std::vector).
+namespace detail {
+
+//! The machine's physical memory in bytes, or 0 where the platform does not say.
+inline std::size_t physical_memory_bytes() noexcept {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) {
+    std::size_t r = 0;
+    if (!__builtin_mul_overflow(static_cast<std::size_t>(pages), static_cast<std::size_t>(page), &r)) return r;
+  }
+#endif
+  return 0;
+}
+
+//! A zero-filled host array of n elements of T for a parameter's value or gradient. The byte
+//! count is computed in checked arithmetic and the memory comes from calloc, which hands out
+//! zero pages without writing them, so a parameter too large for the machine fails at once,
+//! before anything is touched, with an error naming the tensor, its bytes and the category
+//! (never a bare std::bad_alloc). Not metered: whoever owns the parameters records their
+//! bytes once (a ReversibleStack, VitEmbedding, VitHead).
+template <class T>
+class ParameterArray {
+  static_assert(std::is_trivially_copyable_v<T>, "parameters hold trivially copyable elements");
+
+ public:
+  ParameterArray() = default;
+  ParameterArray(const std::string& tensor, const Shape& shape, MemoryCategory category) {
+    const std::string what =
+        std::string(category_name(category)) + " of tensor '" + tensor + "' of shape " + shape.str();
+    const std::size_t bytes = checked::bytes(shape.numel(), sizeof(T), what.c_str());
+    size_ = static_cast<std::size_t>(shape.numel());
+    if (size_ == 0) return;
+    // More than the machine's memory cannot be used even where the allocator would promise it
+    // (and a sanitizer's allocator aborts on such a request instead of returning null).
+    const std::size_t physical = physical_memory_bytes();
+    DR2NET_CHECK(physical == 0 || bytes <= physical, "host out of memory: ", what, " needs ", bytes, " bytes (",
+                 MemoryMeter::human_bytes(bytes), "), more than the machine's ", physical, " bytes (",
+                 MemoryMeter::human_bytes(physical), ") of physical memory");
+    data_.reset(static_cast<T*>(std::calloc(size_, sizeof(T))));
+    DR2NET_CHECK(data_ != nullptr, "host out of memory allocating ", bytes, " bytes (", MemoryMeter::human_bytes(bytes),
+                 ") of ", what);
+  }
+  //! A copy of the elements (layers are copied when a stack is built from a kept vector).
+  ParameterArray(const ParameterArray& o) : size_(o.size_) {
+    if (size_ == 0) return;
+    data_.reset(static_cast<T*>(std::malloc(size_ * sizeof(T))));  // size_ * sizeof(T) was checked for o
+    DR2NET_CHECK(data_ != nullptr, "host out of memory copying a parameter of ", size_ * sizeof(T), " bytes");
+    std::memcpy(data_.get(), o.data_.get(), size_ * sizeof(T));
+  }
+  ParameterArray& operator=(const ParameterArray& o) {
+    if (this != &o) {
+      ParameterArray copy(o);
+      *this = std::move(copy);
+    }
+    return *this;
+  }
+  ParameterArray(ParameterArray&& o) noexcept : data_(std::move(o.data_)), size_(std::exchange(o.size_, 0)) {}
+  ParameterArray& operator=(ParameterArray&& o) noexcept {
+    data_ = std::move(o.data_);
+    size_ = std::exchange(o.size_, 0);
+    return *this;
+  }
+  ~ParameterArray() = default;
+
+  T* data() const noexcept { return data_.get(); }
+  std::size_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+  T& operator[](std::size_t i) const noexcept { return data_.get()[i]; }
+  T* begin() const noexcept { return data_.get(); }
+  T* end() const noexcept { return data_.get() + size_; }
+
+ private:
+  struct Free {
+    void operator()(T* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+  std::size_t size_ = 0;
+};
+
+}  // namespace detail
+
+//! A named tensor of weights and the same-shaped gradient, both owned and zero (see
+//! detail::ParameterArray: checked, failing with a named error, not metered). Movable; a
+//! moved-from parameter refuses every access to its data.
 template <class T>
 class Parameter {
  public:
   Parameter(std::string name, Shape shape)
-      : name_(std::move(name)), shape_(shape), value_(static_cast<std::size_t>(shape.numel()), T(0)),
-        grad_(value_.size(), T(0)) {}
+      : name_(std::move(name)), shape_(shape), value_(name_, shape_, MemoryCategory::Parameters),
+        grad_(name_, shape_, MemoryCategory::Gradients) {}
 
   const std::string& name() const noexcept { return name_; }
   const Shape& shape() const noexcept { return shape_; }
   std::size_t size() const noexcept { return value_.size(); }
+  //! Bytes of the value (the gradient holds as many).
+  std::size_t bytes() const noexcept { return value_.size() * sizeof(T); }
 
-  TensorView<T> value() noexcept { return TensorView<T>(value_.data(), shape_); }
-  TensorView<T> grad() noexcept { return TensorView<T>(grad_.data(), shape_); }
-  ConstView<T> value() const noexcept { return ConstView<T>(value_.data(), shape_); }
-  ConstView<T> grad() const noexcept { return ConstView<T>(grad_.data(), shape_); }
-  const T* data() const noexcept { return value_.data(); }
-  T* grad_data() noexcept { return grad_.data(); }
+  TensorView<T> value() { return TensorView<T>(live("value()").data(), shape_); }
+  TensorView<T> grad() { return TensorView<T>(live_grad("grad()").data(), shape_); }
+  ConstView<T> value() const { return ConstView<T>(live("value()").data(), shape_); }
+  ConstView<T> grad() const { return ConstView<T>(live_grad("grad()").data(), shape_); }
+  const T* data() const { return live("data()").data(); }
+  T* grad_data() { return live_grad("grad_data()").data(); }
 
-  void fill(T v) { std::fill(value_.begin(), value_.end(), v); }
+  void fill(T v) {
+    live("fill()");
+    std::fill(value_.begin(), value_.end(), v);
+  }
 
   //! Normal(0, std) values, redrawn while |value| > bound: timm's trunc_normal_(std, a=-bound,
   //! b=bound) (timm uses std 0.02 with bound 2, i.e. an essentially untruncated normal).
@@ -55,6 +154,7 @@ class Parameter {
     DR2NET_CHECK(std > 0 && bound > 0, "parameter ", name_, ": truncated normal needs std > 0 and bound > 0, got ",
                  std, " and ", bound);
     DR2NET_CHECK(tag <= kMaxRandomModule, "parameter ", name_, ": initialisation tag ", tag, " is too large");
+    live("fill_truncated_normal()");
     const PhiloxStream s = make_philox_stream(seed, 0, tag, RandomPurpose::Init);
     for (std::size_t i = 0; i < value_.size(); ++i) {
       double v = 0;
@@ -73,6 +173,7 @@ class Parameter {
   //! the module in the error message.
   template <class U>
   void load(const U* data, const Shape& given, std::string_view owner) {
+    live("load()");
     DR2NET_CHECK(given == shape_, owner, ": tensor '", name_, "' expects shape ", shape_, " but was given ", given);
     DR2NET_CHECK(data != nullptr || value_.empty(), owner, ": tensor '", name_, "' was given null data");
     for (std::size_t i = 0; i < value_.size(); ++i) value_[i] = static_cast<T>(data[i]);
@@ -85,9 +186,23 @@ class Parameter {
   }
 
  private:
+  //! The value array, after refusing a moved-from parameter; `call` names the member.
+  const detail::ParameterArray<T>& live(const char* call) const {
+    if (moved_.moved_from()) {
+      const std::string what = "Parameter '" + name_ + "' " + call;
+      moved_.check(what.c_str());
+    }
+    return value_;
+  }
+  const detail::ParameterArray<T>& live_grad(const char* call) const {
+    live(call);
+    return grad_;
+  }
+
   std::string name_;
   Shape shape_;
-  std::vector<T> value_, grad_;
+  detail::ParameterArray<T> value_, grad_;
+  MovedFromGuard moved_;
 };
 
 namespace detail {

@@ -25,6 +25,7 @@
 #include "dr2net/backend/host/gemm.hpp"
 #include "dr2net/backend/host/softmax.hpp"
 #include "dr2net/block/residual_function.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
@@ -57,7 +58,7 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
   //! 0.02, biases 0, LayerNorm 1/0), deterministically from `seed`.
   explicit VitAttention(const VitAttentionConfig& config, std::uint64_t seed = 0)
       : config_(validated(config)), norm1_("norm1", config.dim, config.eps),
-        qkv_("attn.qkv", config.dim, 3 * config.dim), proj_("attn.proj", config.dim, config.dim) {
+        qkv_("attn.qkv", config.dim, checked::mul(3, config.dim, "VitAttention: qkv width 3 x dim")), proj_("attn.proj", config.dim, config.dim) {
     qkv_.init(seed, 0);
     proj_.init(seed, 1);
   }
@@ -109,8 +110,11 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
     masked.reset();
 
     const T scale = attention_scale();
-    HostBuffer<T> dqkv = cx.allocate<T>(static_cast<std::size_t>(L.rows * 3 * D), MemoryCategory::Scratch);
-    HostBuffer<T> dp = cx.allocate<T>(static_cast<std::size_t>(N * N), MemoryCategory::Scratch);
+    // Both no larger than regions of the checked layout (qkv, probs).
+    HostBuffer<T> dqkv = cx.allocate<T>(static_cast<std::size_t>(L.rows * 3 * D), MemoryCategory::Scratch,
+                                        "VitAttention backward: dqkv");
+    HostBuffer<T> dp = cx.allocate<T>(static_cast<std::size_t>(N * N), MemoryCategory::Scratch,
+                                      "VitAttention backward: dP");
     for (std::int64_t b = 0; b < B; ++b) {
       for (std::int64_t h = 0; h < H; ++h) {
         const T* q = qkv + b * N * 3 * D + h * hd;
@@ -200,16 +204,19 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
     Layout L;
     L.batch = in[0];
     L.tokens = in[1];
-    L.rows = L.batch * L.tokens;
-    const auto M = static_cast<std::size_t>(L.rows), D = static_cast<std::size_t>(config_.dim);
-    const auto probs = static_cast<std::size_t>(L.batch * config_.num_heads * L.tokens * L.tokens);
-    L.xn = 0;
-    L.mean = L.xn + M * D;
-    L.rstd = L.mean + M;
-    L.qkv = L.rstd + M;
-    L.probs = L.qkv + 3 * M * D;
-    L.ctx = L.probs + probs;
-    L.total = L.ctx + M * D;
+    L.rows = in.rows();  // B N <= numel, which Shape checked
+    // Every size in checked arithmetic: batch x heads x tokens^2 overflows int64 long before
+    // the streams do, and a wrapped size would under-allocate the scratch.
+    const std::int64_t M = L.rows, D = config_.dim, H = config_.num_heads, N = L.tokens;
+    checked::RegionLayout r("VitAttention saved internals");
+    L.xn = static_cast<std::size_t>(r.take({M, D}, "xn (rows x dim)"));
+    L.mean = static_cast<std::size_t>(r.take({M}, "mean (rows)"));
+    L.rstd = static_cast<std::size_t>(r.take({M}, "rstd (rows)"));
+    L.qkv = static_cast<std::size_t>(r.take({M, 3, D}, "qkv (rows x 3 x dim)"));
+    L.probs = static_cast<std::size_t>(r.take({L.batch, H, N, N}, "attention probabilities (batch x heads x tokens x tokens)"));
+    L.ctx = static_cast<std::size_t>(r.take({M, D}, "ctx (rows x dim)"));
+    L.total = static_cast<std::size_t>(r.total());
+    (void)checked::bytes(r.total(), sizeof(T), "VitAttention saved internals (bytes)");
     return L;
   }
 

@@ -26,6 +26,7 @@
 
 #include "dr2net/backend/host/context.hpp"
 #include "dr2net/backend/host/gemm.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
@@ -54,9 +55,9 @@ class VitEmbedding {
         bias_("patch_embed.proj.bias", Shape{config.dim}) {
     init(seed);
     std::size_t bytes = 0;
-    for_each_parameter_object([&](Parameter<T>& p) { bytes += p.size() * sizeof(T); });
-    parameter_bytes_ = MeterReservation(ctx.meter(), MemoryCategory::Parameters, bytes);
-    gradient_bytes_ = MeterReservation(ctx.meter(), MemoryCategory::Gradients, bytes);
+    for_each_parameter_object([&](Parameter<T>& p) { bytes += p.bytes(); });
+    parameter_bytes_ = ctx.reserve_bytes(MemoryCategory::Parameters, bytes, "VitEmbedding parameters");
+    gradient_bytes_ = ctx.reserve_bytes(MemoryCategory::Gradients, bytes, "VitEmbedding parameter gradients");
   }
 
   //! timm's initialisation: pos_embed ~ trunc_normal(std 0.02), cls_token ~ normal(std 1e-6);
@@ -176,6 +177,15 @@ class VitEmbedding {
                  c.width, ", patch ", c.patch, ", dim ", c.dim);
     DR2NET_CHECK(c.height % c.patch == 0 && c.width % c.patch == 0, "VitEmbedding: image ", c.height, "x", c.width,
                  " is not a whole number of ", c.patch, "x", c.patch, " patches");
+    // The sizes every later product is bounded by, in checked arithmetic: a patch's length, the
+    // patch count, the token table and the projection (a batch's patches are bounded by its images).
+    (void)checked::product({c.channels, c.patch, c.patch}, "VitEmbedding: patch length (channels x patch x patch)");
+    (void)checked::product({c.channels, c.height, c.width}, "VitEmbedding: image size (channels x height x width)");
+    const std::int64_t patches = checked::mul(c.height / c.patch, c.width / c.patch, "VitEmbedding: patch count");
+    (void)checked::mul(checked::add(patches, 1, "VitEmbedding: token count (1 + patches)"), c.dim,
+                       "VitEmbedding: position table ((1 + patches) x dim)");
+    (void)checked::product({c.dim, c.channels, c.patch, c.patch},
+                           "VitEmbedding: projection weight (dim x channels x patch x patch)");
     return c;
   }
 

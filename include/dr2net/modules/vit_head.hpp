@@ -20,6 +20,7 @@
 #include <string_view>
 
 #include "dr2net/backend/host/context.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
@@ -74,7 +75,10 @@ class VitHead {
     const std::int64_t B = s[0], N = s[1], D = config_.dim;
     check_contiguous(logits, "VitHead forward: logits");
     check_shape(logits, Shape{B, config_.num_classes}, "VitHead forward: logits");
-    ctx_->reserve(saved_, static_cast<std::size_t>(B * (2 * D + 2)), MemoryCategory::SavedActivations);
+    const auto saved = checked::mul(B, checked::add(checked::mul(2, D, "VitHead saved: 2 x dim"), 2, "VitHead saved"),
+                                    "VitHead saved internals (batch x (2 dim + 2))");
+    ctx_->reserve(saved_, checked::to_size(saved, "VitHead saved internals"), MemoryCategory::SavedActivations,
+                  "VitHead saved internals");
     T *x = saved_.data(), *xn = x + B * D, *mean = xn + B * D, *rstd = mean + B;
     for (std::int64_t b = 0; b < B; ++b) std::copy_n(tokens.data() + b * N * D, D, x + b * D);  // class tokens
     norm_.forward(x, B, xn, mean, rstd);
@@ -138,9 +142,9 @@ class VitHead {
     parameter_bytes_ = MeterReservation();  // release first, so a replaced head is never counted twice
     gradient_bytes_ = MeterReservation();
     std::size_t bytes = 0;
-    for_each_parameter_object([&](Parameter<T>& p) { bytes += p.size() * sizeof(T); });
-    parameter_bytes_ = MeterReservation(ctx_->meter(), MemoryCategory::Parameters, bytes);
-    gradient_bytes_ = MeterReservation(ctx_->meter(), MemoryCategory::Gradients, bytes);
+    for_each_parameter_object([&](Parameter<T>& p) { bytes += p.bytes(); });
+    parameter_bytes_ = ctx_->reserve_bytes(MemoryCategory::Parameters, bytes, "VitHead parameters");
+    gradient_bytes_ = ctx_->reserve_bytes(MemoryCategory::Gradients, bytes, "VitHead parameter gradients");
   }
 
   HostContext* ctx_;

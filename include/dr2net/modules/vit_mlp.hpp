@@ -21,6 +21,7 @@
 #include "dr2net/backend/host/context.hpp"
 #include "dr2net/backend/host/gelu.hpp"
 #include "dr2net/block/residual_function.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
@@ -165,15 +166,17 @@ class VitMlp : public NamedParameterSet<VitMlp<T>>, public OutputAddsInto<VitMlp
     Layout L;
     L.batch = in[0];
     L.tokens = in[1];
-    L.rows = L.batch * L.tokens;
-    const auto M = static_cast<std::size_t>(L.rows), D = static_cast<std::size_t>(config_.dim),
-               Hd = static_cast<std::size_t>(config_.hidden);
-    L.xn = 0;
-    L.mean = L.xn + M * D;
-    L.rstd = L.mean + M;
-    L.z = L.rstd + M;
-    L.a = L.z + M * Hd;
-    L.total = L.a + M * Hd;
+    L.rows = in.rows();  // B N <= numel, which Shape checked
+    // Every size in checked arithmetic (rows x hidden can overflow where the stream does not).
+    const std::int64_t M = L.rows, D = config_.dim, Hd = config_.hidden;
+    checked::RegionLayout r("VitMlp saved internals");
+    L.xn = static_cast<std::size_t>(r.take({M, D}, "xn (rows x dim)"));
+    L.mean = static_cast<std::size_t>(r.take({M}, "mean (rows)"));
+    L.rstd = static_cast<std::size_t>(r.take({M}, "rstd (rows)"));
+    L.z = static_cast<std::size_t>(r.take({M, Hd}, "z (rows x hidden)"));
+    L.a = static_cast<std::size_t>(r.take({M, Hd}, "a (rows x hidden)"));
+    L.total = static_cast<std::size_t>(r.total());
+    (void)checked::bytes(r.total(), sizeof(T), "VitMlp saved internals (bytes)");
     return L;
   }
 

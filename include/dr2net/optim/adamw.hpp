@@ -25,6 +25,7 @@
 #include "dr2net/block/stack.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
+#include "dr2net/core/moved_from.hpp"
 
 namespace dr2net::optim {
 
@@ -76,30 +77,60 @@ class AdamW {
                    "AdamW: parameter '", p.name, "' has value ", p.value.shape(), " and gradient ", p.grad.shape(),
                    "; both must be contiguous and of one size");
       decays_.push_back(decay_rule(p.name));
-      m_.push_back(ctx.allocate<T>(p.value.size(), MemoryCategory::Other));
-      v_.push_back(ctx.allocate<T>(p.value.size(), MemoryCategory::Other));
+      m_.push_back(ctx.allocate<T>(p.value.size(), MemoryCategory::Other, "AdamW first moment"));
+      v_.push_back(ctx.allocate<T>(p.value.size(), MemoryCategory::Other, "AdamW second moment"));
       std::fill(m_.back().data(), m_.back().data() + p.value.size(), T(0));
       std::fill(v_.back().data(), v_.back().data() + p.value.size(), T(0));
     }
   }
 
-  const AdamWOptions& options() const noexcept { return options_; }
-  double lr() const noexcept { return options_.lr; }
+  //! A moved-from optimizer refuses every call below with dr2net::Error ("... was moved from").
+  AdamW(AdamW&&) = default;
+  AdamW& operator=(AdamW&&) = default;
+  AdamW(const AdamW&) = delete;
+  AdamW& operator=(const AdamW&) = delete;
+  ~AdamW() = default;
+
+  const AdamWOptions& options() const {
+    moved_.check("AdamW::options()");
+    return options_;
+  }
+  double lr() const {
+    moved_.check("AdamW::lr()");
+    return options_.lr;
+  }
   void set_lr(double lr) {
+    moved_.check("AdamW::set_lr()");
     DR2NET_CHECK(std::isfinite(lr) && lr >= 0, "AdamW: learning rate must be finite and >= 0, got ", lr);
     options_.lr = lr;
   }
   //! Steps taken so far (t of the last step).
-  std::int64_t steps_taken() const noexcept { return t_; }
-  const std::vector<NamedParameter<T>>& parameters() const noexcept { return params_; }
+  std::int64_t steps_taken() const {
+    moved_.check("AdamW::steps_taken()");
+    return t_;
+  }
+  const std::vector<NamedParameter<T>>& parameters() const {
+    moved_.check("AdamW::parameters()");
+    return params_;
+  }
   //! Whether parameter i gets weight decay.
-  bool decays(std::size_t i) const { return decays_.at(i); }
+  bool decays(std::size_t i) const {
+    moved_.check("AdamW::decays()");
+    return decays_.at(i);
+  }
   //! First and second moment of parameter i.
-  const T* first_moment(std::size_t i) const { return m_.at(i).data(); }
-  const T* second_moment(std::size_t i) const { return v_.at(i).data(); }
+  const T* first_moment(std::size_t i) const {
+    moved_.check("AdamW::first_moment()");
+    return m_.at(i).data();
+  }
+  const T* second_moment(std::size_t i) const {
+    moved_.check("AdamW::second_moment()");
+    return v_.at(i).data();
+  }
 
   //! One update of every parameter from its gradient at the current learning rate.
   void step() {
+    moved_.check("AdamW::step()");
     ++t_;
     const double b1 = options_.beta1, b2 = options_.beta2, lr = options_.lr;
     const double bc1 = 1.0 - std::pow(b1, static_cast<double>(t_)), bc2 = 1.0 - std::pow(b2, static_cast<double>(t_));
@@ -128,6 +159,7 @@ class AdamW {
 
   //! Sets every parameter's gradient to zero.
   void zero_grad() {
+    moved_.check("AdamW::zero_grad()");
     for (auto& p : params_) std::fill(p.grad.data(), p.grad.data() + p.grad.size(), T(0));
   }
 
@@ -146,6 +178,7 @@ class AdamW {
   std::vector<bool> decays_;
   std::vector<HostBuffer<T>> m_, v_;
   std::int64_t t_ = 0;
+  MovedFromGuard moved_;
 };
 
 //! Scales all gradients together so that their global L2 norm, sqrt(sum over every element

@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "dr2net/backend/cuda/error.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
@@ -74,6 +75,7 @@ class DeviceBuffer {
     std::swap(size_, o.size_);
     std::swap(ctx_, o.ctx_);
     std::swap(category_, o.category_);
+    std::swap(metered_, o.metered_);
   }
 
  private:
@@ -82,6 +84,7 @@ class DeviceBuffer {
   std::size_t size_ = 0;
   CudaContext* ctx_ = nullptr;
   MemoryCategory category_ = MemoryCategory::Other;
+  bool metered_ = true;  //!< false: allocate_unmetered (another owner records the bytes)
 };
 
 //! Resources of the CUDA backend. Not copyable or movable: buffers point back to it.
@@ -156,51 +159,73 @@ class CudaContext {
   }
 
   //! `count` elements of T from the stream-ordered pool, metered under `category`.
-  //! Out of memory throws, saying what was asked and what the meter held.
+  //! A byte count that overflows and an out-of-memory throw, saying what was asked (`what`,
+  //! the tensor when the caller names it, its bytes and category) and what the meter held.
   template <class T>
-  DeviceBuffer<T> allocate(std::size_t count, MemoryCategory category) {
-    static_assert(std::is_trivially_copyable_v<T>, "device buffers hold trivially copyable elements");
-    DeviceBuffer<T> b;
-    if (count == 0) return b;
-    DR2NET_CHECK(count <= std::numeric_limits<std::size_t>::max() / sizeof(T), "allocation of ", count,
-                 " elements overflows");
-    const std::size_t bytes = count * sizeof(T);
-    void* p = nullptr;
-    const cudaError_t e = cudaMallocFromPoolAsync(&p, bytes, pool_, stream_);
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();  // clear the (non-sticky) error so the context stays usable
-      std::size_t free_b = 0, total_b = 0;
-      (void)cudaMemGetInfo(&free_b, &total_b);
-      DR2NET_FAIL("device out of memory allocating ", bytes, " bytes of ", category_name(category),
-                  " while the meter holds ", meter_.current_total(), " bytes (", cuda_detail::describe(e),
-                  "; device reports ", free_b, " of ", total_b, " bytes free)");
-    }
-    b.data_ = static_cast<T*>(p);
-    b.size_ = count;
-    b.ctx_ = this;
-    b.category_ = category;
-    meter_.add(category, bytes);
-    if constexpr (!std::is_integral_v<T> && !std::is_same_v<T, std::byte>) {
-      if (options_.poison_allocations) DR2NET_CUDA_CHECK(cudaMemsetAsync(p, 0xFF, bytes, stream_));
-    }
-    return b;
+  DeviceBuffer<T> allocate(std::size_t count, MemoryCategory category, const char* what = "device buffer") {
+    return allocate_impl<T>(count, category, what, true);
+  }
+
+  //! Like allocate(), but the bytes are not put on the meter: for memory that another owner
+  //! records once with reserve_bytes (a ReversibleStack records its layers' parameters and
+  //! gradients; metering them here too would count every byte twice). `category` names the
+  //! memory in errors.
+  template <class T>
+  DeviceBuffer<T> allocate_unmetered(std::size_t count, MemoryCategory category, const char* what) {
+    return allocate_impl<T>(count, category, what, false);
   }
 
   //! Makes `buffer` hold at least `count` elements, reallocating only when it must.
   template <class T>
-  void reserve(DeviceBuffer<T>& buffer, std::size_t count, MemoryCategory category) {
+  void reserve(DeviceBuffer<T>& buffer, std::size_t count, MemoryCategory category,
+               const char* what = "device buffer") {
     if (buffer.size() >= count) return;
     buffer.reset();
-    buffer = allocate<T>(count, category);
+    buffer = allocate<T>(count, category, what);
+  }
+
+  //! Records `bytes` of `category` that something else owns for as long as the returned
+  //! reservation lives; `what` names them (the host twin checks them against its memory limit).
+  MeterReservation reserve_bytes(MemoryCategory category, std::size_t bytes, const char* what) {
+    (void)what;
+    return MeterReservation(meter_, category, bytes);
   }
 
  private:
   template <class T>
   friend class DeviceBuffer;
 
-  void release(void* p, MemoryCategory category, std::size_t bytes) noexcept {
+  template <class T>
+  DeviceBuffer<T> allocate_impl(std::size_t count, MemoryCategory category, const char* what, bool metered) {
+    static_assert(std::is_trivially_copyable_v<T>, "device buffers hold trivially copyable elements");
+    DeviceBuffer<T> b;
+    if (count == 0) return b;
+    const std::size_t bytes = checked::bytes(checked::to_int64(count, what), sizeof(T), what);
+    void* p = nullptr;
+    const cudaError_t e = cudaMallocFromPoolAsync(&p, bytes, pool_, stream_);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();  // clear the (non-sticky) error so the context stays usable
+      std::size_t free_b = 0, total_b = 0;
+      (void)cudaMemGetInfo(&free_b, &total_b);
+      DR2NET_FAIL("device out of memory allocating ", bytes, " bytes (", MemoryMeter::human_bytes(bytes), ") of ",
+                  category_name(category), " for ", what, " while the meter holds ", meter_.current_total(),
+                  " bytes (", cuda_detail::describe(e), "; device reports ", free_b, " of ", total_b, " bytes free)");
+    }
+    b.data_ = static_cast<T*>(p);
+    b.size_ = count;
+    b.ctx_ = this;
+    b.category_ = category;
+    b.metered_ = metered;
+    if (metered) meter_.add(category, bytes);
+    if constexpr (!std::is_integral_v<T> && !std::is_same_v<T, std::byte>) {
+      if (options_.poison_allocations) DR2NET_CUDA_CHECK(cudaMemsetAsync(p, 0xFF, bytes, stream_));
+    }
+    return b;
+  }
+
+  void release(void* p, MemoryCategory category, std::size_t bytes, bool metered) noexcept {
     (void)cudaFreeAsync(p, stream_);
-    meter_.remove(category, bytes);
+    if (metered) meter_.remove(category, bytes);
   }
 
   CudaContextOptions options_;
@@ -216,7 +241,7 @@ class CudaContext {
 
 template <class T>
 void DeviceBuffer<T>::reset() noexcept {
-  if (data_ && ctx_) ctx_->release(data_, category_, size_ * sizeof(T));
+  if (data_ && ctx_) ctx_->release(data_, category_, size_ * sizeof(T), metered_);
   data_ = nullptr;
   size_ = 0;
   ctx_ = nullptr;

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/fixed_point.hpp"
 #include "dr2net/core/memory_meter.hpp"
@@ -21,6 +22,10 @@ struct HostContextOptions {
   //! Fill every new floating-point allocation with NaN, so reading memory that was never
   //! written shows up as NaN in results instead of passing silently. Tests turn it on.
   bool poison_allocations = false;
+  //! Most bytes the meter may hold at once (0: no limit). An allocation or a reservation
+  //! (reserve_bytes) that would take the meter's total above it is refused with an error naming
+  //! what was asked for, instead of being attempted.
+  std::size_t memory_limit = 0;
 };
 
 class HostContext;
@@ -91,20 +96,22 @@ class HostContext {
   const MemoryMeter& meter() const noexcept { return meter_; }
   const HostContextOptions& options() const noexcept { return options_; }
 
+  //! `count` elements of T, metered under `category`. A byte count that overflows, one over
+  //! HostContextOptions::memory_limit and an out-of-memory all throw dr2net::Error naming the
+  //! bytes, the category and `what` (the tensor, when the caller names it).
   template <class T>
-  HostBuffer<T> allocate(std::size_t count, MemoryCategory category) {
+  HostBuffer<T> allocate(std::size_t count, MemoryCategory category, const char* what = "host buffer") {
     static_assert(std::is_trivially_copyable_v<T>, "host buffers hold trivially copyable elements");
     HostBuffer<T> b;
     if (count == 0) return b;
-    DR2NET_CHECK(count <= std::numeric_limits<std::size_t>::max() / sizeof(T),
-                 "allocation of ", count, " elements overflows");
-    const std::size_t bytes = count * sizeof(T);
+    const std::size_t bytes = checked::bytes(checked::to_int64(count, what), sizeof(T), what);
+    check_limit(bytes, category, what);
     void* p = nullptr;
     try {
       p = ::operator new(bytes, std::align_val_t{HostBuffer<T>::kAlignment});
     } catch (const std::bad_alloc&) {
-      DR2NET_FAIL("host out of memory allocating ", bytes, " bytes of ", category_name(category),
-                  " while the meter holds ", meter_.current_total(), " bytes");
+      DR2NET_FAIL("host out of memory allocating ", bytes, " bytes (", MemoryMeter::human_bytes(bytes), ") of ",
+                  category_name(category), " for ", what, " while the meter holds ", meter_.current_total(), " bytes");
     }
     b.data_ = static_cast<T*>(p);
     b.size_ = count;
@@ -120,13 +127,30 @@ class HostContext {
 
   //! Makes `buffer` hold at least `count` elements, reallocating only when it must.
   template <class T>
-  void reserve(HostBuffer<T>& buffer, std::size_t count, MemoryCategory category) {
+  void reserve(HostBuffer<T>& buffer, std::size_t count, MemoryCategory category, const char* what = "host buffer") {
     if (buffer.size() >= count) return;
     buffer.reset();
-    buffer = allocate<T>(count, category);
+    buffer = allocate<T>(count, category, what);
+  }
+
+  //! Records `bytes` of `category` that something else owns (parameters held by a module, say)
+  //! for as long as the returned reservation lives, after the same memory_limit check as
+  //! allocate(); `what` names them in the error.
+  MeterReservation reserve_bytes(MemoryCategory category, std::size_t bytes, const char* what) {
+    check_limit(bytes, category, what);
+    return MeterReservation(meter_, category, bytes);
   }
 
  private:
+  void check_limit(std::size_t bytes, MemoryCategory category, const char* what) const {
+    const std::size_t limit = options_.memory_limit;
+    if (limit == 0) return;
+    const std::size_t held = meter_.current_total();
+    DR2NET_CHECK(bytes <= limit && held <= limit - bytes, "host memory limit: ", what, " needs ", bytes, " bytes (",
+                 MemoryMeter::human_bytes(bytes), ") of ", category_name(category), " while the meter holds ", held,
+                 " bytes, over the limit of ", limit, " bytes (", MemoryMeter::human_bytes(limit), ")");
+  }
+
   HostContextOptions options_;
   MemoryMeter meter_;
 };

@@ -5,9 +5,11 @@
 //! optimizers and checkpoint code that dereference them on the host must copy first
 //! (copy_to_host / to_host, backend/cuda/copy.hpp).
 //!
-//! Both buffers are metered as MemoryCategory::Other, not Parameters/Gradients: a
-//! ReversibleStack records its parameters' and gradients' bytes itself from the parameter
-//! enumeration, so metering them here too would count every byte twice.
+//! Both buffers come from CudaContext::allocate_unmetered: a ReversibleStack records its
+//! parameters' and gradients' bytes once, as Parameters and Gradients, from the parameter
+//! enumeration, so metering them here too would count every byte twice. Their byte counts are
+//! checked, and an out-of-memory error names the tensor, its bytes and the category. A
+//! moved-from DeviceParameter refuses every access to its data.
 
 #include "dr2net/modules/cuda/types.cuh"  // first: see its diagnostic note
 
@@ -22,7 +24,9 @@
 #include "dr2net/backend/cuda/context.hpp"
 #include "dr2net/backend/cuda/copy.hpp"
 #include "dr2net/backend/cuda/error.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
+#include "dr2net/core/moved_from.hpp"
 #include "dr2net/core/tensor.hpp"
 #include "dr2net/modules/cuda/types.cuh"
 
@@ -34,8 +38,8 @@ class DeviceParameter {
   //! Value and gradient of `shape`, both zero.
   DeviceParameter(CudaContext& ctx, std::string name, Shape shape)
       : ctx_(&ctx), name_(std::move(name)), shape_(shape),
-        value_(ctx.allocate<T>(static_cast<std::size_t>(shape.numel()), MemoryCategory::Other)),
-        grad_(ctx.allocate<T>(value_.size(), MemoryCategory::Other)) {
+        value_(allocate(ctx, name_, shape_, MemoryCategory::Parameters)),
+        grad_(allocate(ctx, name_, shape_, MemoryCategory::Gradients)) {
     if (!value_.empty()) {
       DR2NET_CUDA_CHECK(cudaMemsetAsync(value_.data(), 0, value_.size() * sizeof(T), ctx.stream()));
       DR2NET_CUDA_CHECK(cudaMemsetAsync(grad_.data(), 0, grad_.size() * sizeof(T), ctx.stream()));
@@ -45,16 +49,19 @@ class DeviceParameter {
   const std::string& name() const noexcept { return name_; }
   const Shape& shape() const noexcept { return shape_; }
   std::size_t size() const noexcept { return value_.size(); }
+  //! Bytes of the value (the gradient holds as many).
+  std::size_t bytes() const noexcept { return value_.size() * sizeof(T); }
   //! Device pointers.
-  const T* data() const noexcept { return value_.data(); }
-  T* grad_data() noexcept { return grad_.data(); }
-  TensorView<T> value() noexcept { return TensorView<T>(value_.data(), shape_); }
-  TensorView<T> grad() noexcept { return TensorView<T>(grad_.data(), shape_); }
+  const T* data() const { return live("data()").data(); }
+  T* grad_data() { return live_grad("grad_data()").data(); }
+  TensorView<T> value() { return TensorView<T>(live("value()").data(), shape_); }
+  TensorView<T> grad() { return TensorView<T>(live_grad("grad()").data(), shape_); }
 
   //! Copies host `data` (converted to T) into the value after checking its shape; `owner`
   //! names the module in the error message. Waits for the copy.
   template <class U>
   void load(const U* data, const Shape& given, std::string_view owner) {
+    live("load()");
     DR2NET_CHECK(given == shape_, owner, ": tensor '", name_, "' expects shape ", shape_, " but was given ", given);
     DR2NET_CHECK(data != nullptr || value_.empty(), owner, ": tensor '", name_, "' was given null data");
     std::vector<T> converted(value_.size());
@@ -72,10 +79,27 @@ class DeviceParameter {
   }
 
  private:
+  static DeviceBuffer<T> allocate(CudaContext& ctx, const std::string& name, const Shape& shape, MemoryCategory c) {
+    const std::string what = std::string(category_name(c)) + " of tensor '" + name + "' of shape " + shape.str();
+    return ctx.allocate_unmetered<T>(checked::to_size(shape.numel(), what.c_str()), c, what.c_str());
+  }
+  const DeviceBuffer<T>& live(const char* call) const {
+    if (moved_.moved_from()) {
+      const std::string what = "DeviceParameter '" + name_ + "' " + call;
+      moved_.check(what.c_str());
+    }
+    return value_;
+  }
+  const DeviceBuffer<T>& live_grad(const char* call) const {
+    live(call);
+    return grad_;
+  }
+
   CudaContext* ctx_;
   std::string name_;
   Shape shape_;
   DeviceBuffer<T> value_, grad_;
+  MovedFromGuard moved_;
 };
 
 }  // namespace dr2net

@@ -69,7 +69,8 @@ class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>>, public O
   template <class U>
   CudaVitAttention(CudaContext& ctx, const VitAttention<U>& host, CudaFunctionOptions options = {})
       : config_(host.config()), norm1_(ctx, "norm1", config_.dim, config_.eps),
-        qkv_(ctx, "attn.qkv", config_.dim, 3 * config_.dim, options.allow_tf32),
+        qkv_(ctx, "attn.qkv", config_.dim, checked::mul(3, config_.dim, "CudaVitAttention: qkv width 3 x dim"),
+             options.allow_tf32),
         proj_(ctx, "attn.proj", config_.dim, config_.dim, options.allow_tf32), tf32_(options.allow_tf32) {
     norm1_.copy_from(host.norm1(), "CudaVitAttention");
     qkv_.copy_from(host.qkv(), "CudaVitAttention");
@@ -204,16 +205,19 @@ class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>>, public O
     Layout L;
     L.batch = in[0];
     L.tokens = in[1];
-    L.rows = L.batch * L.tokens;
-    const auto M = static_cast<std::size_t>(L.rows), D = static_cast<std::size_t>(config_.dim);
-    cuda_detail::SavedLayoutBuilder<T> b;
-    L.mean = b.take_acc(M);
-    L.rstd = b.take_acc(M);
-    L.xn = b.take(M * D);
-    L.qkv = b.take(3 * M * D);
-    L.probs = b.take(static_cast<std::size_t>(L.batch * config_.num_heads * L.tokens * L.tokens));
-    L.ctx = b.take(M * D);
+    L.rows = in.rows();  // B N <= numel, which Shape checked
+    // Every size in checked arithmetic: batch x heads x tokens^2 overflows int64 long before
+    // the streams do, and a wrapped size would under-allocate the scratch.
+    const std::int64_t M = L.rows, D = config_.dim, H = config_.num_heads, N = L.tokens;
+    cuda_detail::SavedLayoutBuilder<T> b("CudaVitAttention saved internals");
+    L.mean = b.take_acc(M, "mean (rows)");
+    L.rstd = b.take_acc(M, "rstd (rows)");
+    L.xn = b.take({M, D}, "xn (rows x dim)");
+    L.qkv = b.take({M, 3, D}, "qkv (rows x 3 x dim)");
+    L.probs = b.take({L.batch, H, N, N}, "attention probabilities (batch x heads x tokens x tokens)");
+    L.ctx = b.take({M, D}, "ctx (rows x dim)");
     L.total = b.total();
+    (void)checked::bytes(b.regions.total(), sizeof(T), "CudaVitAttention saved internals (bytes)");
     return L;
   }
 

@@ -156,16 +156,17 @@ class CudaVitMlp : public NamedParameterSet<CudaVitMlp<T>>, public OutputAddsInt
     Layout L;
     L.batch = in[0];
     L.tokens = in[1];
-    L.rows = L.batch * L.tokens;
-    const auto M = static_cast<std::size_t>(L.rows), D = static_cast<std::size_t>(config_.dim),
-               Hd = static_cast<std::size_t>(config_.hidden);
-    cuda_detail::SavedLayoutBuilder<T> b;
-    L.mean = b.take_acc(M);
-    L.rstd = b.take_acc(M);
-    L.xn = b.take(M * D);
-    L.z = b.take(M * Hd);
-    L.a = b.take(M * Hd);
+    L.rows = in.rows();  // B N <= numel, which Shape checked
+    // Every size in checked arithmetic (rows x hidden can overflow where the stream does not).
+    const std::int64_t M = L.rows, D = config_.dim, Hd = config_.hidden;
+    cuda_detail::SavedLayoutBuilder<T> b("CudaVitMlp saved internals");
+    L.mean = b.take_acc(M, "mean (rows)");
+    L.rstd = b.take_acc(M, "rstd (rows)");
+    L.xn = b.take({M, D}, "xn (rows x dim)");
+    L.z = b.take({M, Hd}, "z (rows x hidden)");
+    L.a = b.take({M, Hd}, "a (rows x hidden)");
     L.total = b.total();
+    (void)checked::bytes(b.regions.total(), sizeof(T), "CudaVitMlp saved internals (bytes)");
     return L;
   }
 
