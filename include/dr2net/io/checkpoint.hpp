@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "dr2net/core/error.hpp"
@@ -21,16 +22,49 @@
 
 namespace dr2net::io {
 
-//! Copies every parameter (or, with `gradients`, every parameter gradient) of `stack` from
-//! the tensor named `prefix + name` in `file`, converting from the file's dtype. Missing
-//! tensors are listed all at once, before anything is written; a tensor of the wrong shape
-//! names itself, its shape and the expected one.
+//! Checks, without writing anything, that load_parameters(stack, file, prefix, gradients)
+//! would succeed: every parameter (or gradient) of `stack` has a tensor `prefix + name` in
+//! `file` of exactly the parameter's shape, in a dtype the parameter's element type can be
+//! read from. Throws one error listing every missing tensor, else one error listing every
+//! shape mismatch (tensor, the shape found in the file, the shape expected), each naming
+//! the file. A model made of several modules calls this for each of them before loading
+//! any, so that a bad checkpoint leaves the whole model unchanged.
 template <class Stack>
-void load_parameters(Stack& stack, const SafetensorsReader& file, std::string_view prefix = "",
-                     bool gradients = false) {
+void check_parameters(Stack& stack, const SafetensorsReader& file, std::string_view prefix = "",
+                      bool gradients = false) {
   std::vector<std::string> names;
   stack.for_each_parameter([&](std::string_view name, auto, auto) { names.push_back(std::string(prefix) + std::string(name)); });
   file.require(names);
+  std::string mismatches;
+  std::size_t count = 0;
+  stack.for_each_parameter([&](std::string_view name, auto value, auto grad) {
+    const auto& dst = gradients ? grad : value;
+    using Element = std::remove_cv_t<std::remove_pointer_t<decltype(dst.data())>>;
+    static_assert(detail::is_checkpoint_scalar_v<Element>, "checkpoint parameters must be float or double");
+    std::vector<std::int64_t> shape;
+    for (int d = 0; d < dst.shape().rank(); ++d) shape.push_back(dst.shape()[d]);
+    const std::string full = std::string(prefix) + std::string(name);
+    const TensorRecord& rec = file.record(full);
+    // Every stored dtype (F64, F32, F16, BF16) converts to float and double; the reader has
+    // rejected any other when it opened the file.
+    if (rec.shape == shape) return;
+    mismatches += (count++ == 0 ? "" : "; ") + ("tensor '" + full + "' has shape " + format_shape(rec.shape) +
+                                                 ", expected " + format_shape(shape));
+  });
+  DR2NET_CHECK(count == 0, count, count == 1 ? " tensor" : " tensors", " in ", file.where(),
+               " do not match the parameters' shapes (nothing was loaded): ", mismatches);
+}
+
+//! Copies every parameter (or, with `gradients`, every parameter gradient) of `stack` from
+//! the tensor named `prefix + name` in `file`, converting from the file's dtype. The load is
+//! checked whole first (check_parameters): a missing tensor or a wrong shape anywhere is
+//! reported before any parameter is written, so the stack is either loaded completely or
+//! left unchanged. (An I/O error of the file itself while copying, such as a file truncated
+//! by another program after it was opened, can still stop the copy part-way.)
+template <class Stack>
+void load_parameters(Stack& stack, const SafetensorsReader& file, std::string_view prefix = "",
+                     bool gradients = false) {
+  check_parameters(stack, file, prefix, gradients);
   stack.for_each_parameter([&](std::string_view name, auto value, auto grad) {
     const auto& dst = gradients ? grad : value;
     std::vector<std::int64_t> shape;
