@@ -113,10 +113,14 @@ class VitClassifier {
   }
 
   // Loads everything but the classifier (head.*) from `file`: the backbone and the final norm.
+  // All three parts are checked before any is loaded, so a bad checkpoint changes nothing.
   void load_backbone(const dr2net::io::SafetensorsReader& file) {
+    FinalNorm norm{head_};
+    dr2net::io::check_parameters(embedding_, file);
+    dr2net::io::check_parameters(stack_, file);
+    dr2net::io::check_parameters(norm, file);
     dr2net::io::load_parameters(embedding_, file);
     dr2net::io::load_parameters(stack_, file);
-    FinalNorm norm{head_};
     dr2net::io::load_parameters(norm, file);
   }
 
