@@ -36,29 +36,11 @@
 #include "dr2net/io/checkpoint.hpp"
 #include "dr2net/io/safetensors.hpp"
 #include "dr2net/modules/vit.hpp"
+#include "dr2net/io/paths.hpp"
+#include "cli.hpp"
 #include "heatmap_png.hpp"
 
 namespace {
-
-constexpr const char* kUsage =
-    "usage: dr2net-fidelity [--weights W.safetensors [--num-heads H]]\n"
-    "                       [--layers L --dim D --heads H --mlp M]   (random pretrained-like weights)\n"
-    "                       [--tokens N --batch B --seed S]\n"
-    "                       [--precision fp32|fp64|fp64-streams|fixed-fp32|fixed-fp64]\n"
-    "                       [--mode reversible,error-bounded,standard]\n"
-    "                       [--tolerance T] [--budget F] [--alphas a,b,..] [--betas a,b,..] [--path K]\n"
-    "                       [--warmup W] [--json FILE] [--png FILE]\n"
-    "  --precision   fixed-fp32, fixed-fp64: fixed-point streams, reversible mode exact (default fp32)\n"
-    "  --mode        modes compared with standard mode (default reversible,error-bounded); standard:\n"
-    "                a record for the reference itself (its error against fp64)\n"
-    "  --tolerance   error-bounded mode's stream tolerance: the bound on the relative reconstruction\n"
-    "                error of the streams (not of the gradients; default 1e-5)\n"
-    "  --budget      error-bounded mode's planning margin: the fraction of the tolerance that\n"
-    "                snapshot placement plans for (default 0.3; also --planning-margin)\n"
-    "  --path K      the paper's path from (1, 0.1) to (0, 1) in K points instead of the grid\n"
-    "  --warmup W    error-bounded steps before the measured one, so the controller has measured\n"
-    "Every stack uses the reconstruction guard in warn mode (silenced); each record says whether\n"
-    "the default guard (throw above a relative reconstruction error of 1e-4) would have tripped.";
 
 struct Options {
   std::string weights;
@@ -80,74 +62,78 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-double number(const std::string& flag, const std::string& s) {
-  char* end = nullptr;
-  const double v = std::strtod(s.c_str(), &end);
-  if (s.empty() || *end || !std::isfinite(v)) throw UsageError(flag + " expects a number, got '" + s + "'");
-  return v;
-}
-std::int64_t positive(const std::string& flag, const std::string& s) {
-  const double v = number(flag, s);
-  if (v < 1 || v != std::floor(v) || v > 1e9) throw UsageError(flag + " expects a positive integer, got '" + s + "'");
-  return static_cast<std::int64_t>(v);
-}
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) out.push_back(item);
-  return out;
-}
-std::vector<double> numbers(const std::string& flag, const std::string& s) {
-  std::vector<double> v;
-  for (const auto& item : split(s)) v.push_back(number(flag, item));
-  if (v.empty()) throw UsageError(flag + " needs at least one value");
-  return v;
-}
-
-bool fixed_precision(const std::string& p) { return p == "fixed-fp32" || p == "fixed-fp64"; }
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string f = argv[i];
-    if (f == "--help" || f == "-h") {
-      std::printf("%s\n", kUsage);
-      std::exit(0);
-    }
-    if (i + 1 >= argc) throw UsageError(f + " needs a value");
-    const std::string v = argv[++i];
-    if (f == "--weights") o.weights = v;
-    else if (f == "--num-heads") o.num_heads = static_cast<int>(positive(f, v));
-    else if (f == "--layers") o.layers = static_cast<int>(positive(f, v));
-    else if (f == "--dim") o.dim = positive(f, v);
-    else if (f == "--heads") o.heads = static_cast<int>(positive(f, v));
-    else if (f == "--mlp") o.mlp = positive(f, v);
-    else if (f == "--tokens") o.tokens = positive(f, v);
-    else if (f == "--batch") o.batch = positive(f, v);
-    else if (f == "--seed") o.seed = static_cast<std::uint64_t>(positive(f, v));
-    else if (f == "--warmup") o.warmup = static_cast<int>(number(f, v));
-    else if (f == "--precision") o.precision = v;
-    else if (f == "--mode") o.modes = split(v);
-    else if (f == "--tolerance") o.tolerance = number(f, v);
-    else if (f == "--budget" || f == "--planning-margin") o.budget = number(f, v);
-    else if (f == "--alphas") o.alphas = numbers(f, v);
-    else if (f == "--betas") o.betas = numbers(f, v);
-    else if (f == "--path") o.path = static_cast<int>(positive(f, v));
-    else if (f == "--json") o.json = v;
-    else if (f == "--png") o.png = v;
-    else throw UsageError("unknown argument '" + f + "'");
+std::string joined(const std::vector<double>& v) {
+  std::string s;
+  for (double x : v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", x);
+    s += (s.empty() ? "" : ",") + std::string(buf);
   }
-  if (o.precision != "fp32" && o.precision != "fp64" && o.precision != "fp64-streams" && !fixed_precision(o.precision))
-    throw UsageError("--precision must be fp32, fp64, fp64-streams, fixed-fp32 or fixed-fp64, got '" + o.precision + "'");
-  if (o.modes.empty()) throw UsageError("--mode needs at least one mode");
-  for (const auto& m : o.modes)
-    if (m != "reversible" && m != "error-bounded" && m != "standard")
-      throw UsageError("--mode takes reversible, error-bounded and/or standard, got '" + m + "'");
-  if (!(o.tolerance > 0)) throw UsageError("--tolerance (error-bounded mode's stream tolerance) must be positive");
-  if (!(o.budget > 0 && o.budget <= 1)) throw UsageError("--budget (the planning margin) must be in (0, 1]");
-  if (o.warmup < 0) throw UsageError("--warmup must be >= 0");
-  if (o.path == 1) throw UsageError("--path needs at least 2 points");
-  return o;
+  return s;
+}
+
+//! The command line; nullopt: run, otherwise the exit status (usage errors: 2).
+std::optional<int> parse(int argc, char** argv, Options& o) {
+  CLI::App app(
+      "The gradient-error landscape of a Dr2Net stack of timm ViT blocks over an (alpha, beta) grid.\n"
+      "Without --weights: random pretrained-like weights of --layers/--dim/--heads/--mlp. Every stack uses the\n"
+      "reconstruction guard in warn mode (silenced); each record says whether the default guard (throw above a\n"
+      "relative reconstruction error of 1e-4) would have tripped.",
+      "dr2net-fidelity");
+  using dr2net_cli::add_integer;
+  constexpr std::int64_t kMax = 1000000000;
+  int num_heads = 0;
+  std::string modes = "reversible,error-bounded", alphas = joined(o.alphas), betas = joined(o.betas);
+  app.add_option("--weights", o.weights, "timm ViT blocks (safetensors) instead of random weights");
+  add_integer(app, "--num-heads", num_heads, 1, 1 << 20, "heads of --weights (default: its num_heads metadata)")
+      ->default_str("");
+  add_integer(app, "--layers", o.layers, 1, 1 << 20, "random weights: layers");
+  add_integer(app, "--dim", o.dim, std::int64_t{1}, kMax, "random weights: model width D");
+  add_integer(app, "--heads", o.heads, 1, 1 << 20, "random weights: attention heads");
+  add_integer(app, "--mlp", o.mlp, std::int64_t{1}, kMax, "random weights: MLP hidden width");
+  add_integer(app, "--tokens", o.tokens, std::int64_t{1}, kMax, "tokens N of the input");
+  add_integer(app, "--batch", o.batch, std::int64_t{1}, kMax, "batch B of the input");
+  add_integer(app, "--seed", o.seed, std::uint64_t{0}, std::numeric_limits<std::uint64_t>::max(), "random seed");
+  app.add_option("--precision", o.precision,
+                 "fixed-fp32, fixed-fp64: fixed-point streams, reversible mode exact")
+      ->check(CLI::IsMember({"fp32", "fp64", "fp64-streams", "fixed-fp32", "fixed-fp64"}))
+      ->capture_default_str();
+  app.add_option("--mode", modes,
+                 "modes compared with standard mode; standard: a record for the reference itself (its error against "
+                 "fp64)")
+      ->check(dr2net_cli::list_of(CLI::IsMember({"reversible", "error-bounded", "standard"})))
+      ->capture_default_str();
+  app.add_option("--tolerance", o.tolerance,
+                 "error-bounded mode's stream tolerance: the bound on the relative reconstruction error of the "
+                 "streams (not of the gradients)")
+      ->check(dr2net_cli::positive())
+      ->capture_default_str();
+  app.add_option("--budget,--planning-margin", o.budget,
+                 "error-bounded mode's planning margin: the fraction of the tolerance that snapshot placement plans "
+                 "for, in (0, 1]")
+      ->check(dr2net_cli::finite(0.0, 1.0, /*open_low=*/true))
+      ->capture_default_str();
+  app.add_option("--alphas", alphas, "grid alphas")->check(dr2net_cli::list_of(dr2net_cli::finite()))->capture_default_str();
+  app.add_option("--betas", betas, "grid betas")->check(dr2net_cli::list_of(dr2net_cli::finite()))->capture_default_str();
+  add_integer(app, "--path", o.path, 2, 1 << 20, "the paper's path from (1, 0.1) to (0, 1) in K points instead of the grid")
+      ->default_str("");
+  add_integer(app, "--warmup", o.warmup, 0, 1 << 20, "error-bounded steps before the measured one");
+  app.add_option("--json", o.json, "the records as JSON (never NaN: what was not measured is null)");
+  app.add_option("--png", o.png, "a heatmap of the first mode's worst parameter-gradient error (grid only)");
+  app.get_option("--png")->excludes("--path");
+  if (auto status = dr2net_cli::parse(app, argc, argv)) return status;
+  if (num_heads > 0) o.num_heads = num_heads;
+  o.modes = dr2net_cli::words(modes);
+  o.alphas = dr2net_cli::numbers(alphas);
+  o.betas = dr2net_cli::numbers(betas);
+  // No output replaces the weights, and the two outputs are different files.
+  try {
+    dr2net::io::require_distinct_output("--json", o.json, {{"--weights", o.weights}});
+    dr2net::io::require_distinct_output("--png", o.png, {{"--weights", o.weights}, {"--json", o.json}});
+  } catch (const dr2net::Error& e) {
+    throw UsageError(e.detail());
+  }
+  return std::nullopt;
 }
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -424,7 +410,8 @@ std::string cell(const std::optional<bool>& b) { return b ? (*b ? "yes" : "no") 
 
 int main(int argc, char** argv) {
   try {
-    const Options o = parse(argc, argv);
+    Options o;
+    if (const auto status = parse(argc, argv, o)) return *status;
     std::vector<std::pair<double, double>> points;
     std::vector<double> alphas = o.alphas, betas = o.betas;
     if (o.path > 0) {
@@ -493,7 +480,6 @@ int main(int argc, char** argv) {
       f << j.dump(1) << "\n";
     }
     if (!o.png.empty()) {
-      if (o.path > 0) throw UsageError("--png draws a grid; use --alphas/--betas instead of --path");
       // One heatmap: the first requested mode's worst parameter-gradient error.
       std::vector<std::vector<double>> grid(alphas.size(), std::vector<double>(betas.size(), NAN));
       for (const auto& r : records) {

@@ -32,9 +32,11 @@
 
 #include "dr2net/dr2net.hpp"
 #include "dr2net/io/checkpoint.hpp"
+#include "dr2net/io/paths.hpp"
 #include "dr2net/io/safetensors.hpp"
 #include "dr2net/modules/vit.hpp"
 
+#include "cli.hpp"
 #include "vjp_metadata.hpp"
 
 #if defined(DR2NET_VJP_HAVE_CUDA)
@@ -96,82 +98,51 @@ namespace {
 
 struct Args {
   std::string weights, input, out;
-  double alpha = NAN, beta = NAN;
+  double alpha = 0, beta = 0;
   std::string mode = "reversible", precision = "fp32", backend = "host";
-  std::optional<int> num_heads;
+  int num_heads = 0;  // 0: from the weights file's metadata
   double eps = 1e-6;
 };
 
-constexpr const char* kUsage =
-    "usage: dr2net-vjp --weights W.safetensors --input X.safetensors --alpha A --beta B\n"
-    "                  --mode reversible|standard|error-bounded --precision fp32|fp64|fixed-fp32|fixed-fp64\n"
-    "                  [--backend host|cuda] [--num-heads H] [--eps E] --out R.safetensors\n"
-    "fixed-fp32/fixed-fp64: fixed-point streams, reversible mode exact (equal to standard bit for bit);\n"
-    "tensors in and out are F32 for fp32/fixed-fp32 and F64 for fp64/fixed-fp64";
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
 //! Error messages go out as one line on stderr, whatever they hold.
-void print_error(const std::string& message, const char* suffix = "") {
+void print_error(const std::string& message) {
   std::string line = message;
   for (char& c : line)
     if (c == '\n' || c == '\r') c = ' ';
-  std::fprintf(stderr, "dr2net-vjp: %s%s\n", line.c_str(), suffix);
+  std::fprintf(stderr, "dr2net-vjp: %s\n", line.c_str());
 }
 
-double parse_number(const std::string& flag, const std::string& text) {
-  char* end = nullptr;
-  const double v = std::strtod(text.c_str(), &end);
-  if (text.empty() || *end != '\0' || !std::isfinite(v)) throw UsageError(flag + " expects a finite number, got '" + text + "'");
-  return v;
-}
-
-bool known_precision(const std::string& p) {
-  return p == "fp32" || p == "fp64" || p == "fixed-fp32" || p == "fixed-fp64";
-}
-
-Args parse(int argc, char** argv) {
-  Args a;
-  std::map<std::string, std::string*> strings{{"--weights", &a.weights}, {"--input", &a.input}, {"--out", &a.out},
-                                              {"--mode", &a.mode},       {"--precision", &a.precision},
-                                              {"--backend", &a.backend}};
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    if (flag == "--help" || flag == "-h") {
-      std::printf("%s\n", kUsage);
-      std::exit(0);
-    }
-    if (i + 1 >= argc) throw UsageError(flag + " needs a value");
-    const std::string value = argv[++i];
-    if (auto it = strings.find(flag); it != strings.end()) {
-      *it->second = value;
-    } else if (flag == "--alpha") {
-      a.alpha = parse_number(flag, value);
-    } else if (flag == "--beta") {
-      a.beta = parse_number(flag, value);
-    } else if (flag == "--eps") {
-      a.eps = parse_number(flag, value);
-      if (!(a.eps > 0)) throw UsageError("--eps must be positive");
-    } else if (flag == "--num-heads") {
-      const double h = parse_number(flag, value);
-      if (h < 1 || h != std::floor(h) || h > 1 << 20) throw UsageError("--num-heads expects a positive integer, got '" + value + "'");
-      a.num_heads = static_cast<int>(h);
-    } else {
-      throw UsageError("unknown argument '" + flag + "'");
-    }
+//! The command line (see the file comment); nullopt: run, otherwise the exit status.
+std::optional<int> parse(int argc, char** argv, Args& a) {
+  CLI::App app("The vector-Jacobian product of a Dr2Net stack of timm ViT blocks (L = sum(out * dout)).\n"
+               "fixed-fp32/fixed-fp64: fixed-point streams, reversible mode exact (equal to standard bit for bit);\n"
+               "tensors in and out are F32 for fp32/fixed-fp32 and F64 for fp64/fixed-fp64.",
+               "dr2net-vjp");
+  app.add_option("--weights", a.weights, "timm ViT blocks (safetensors, metadata num_heads)")->required();
+  app.add_option("--input", a.input, "\"x\" [B, N, D] (the stack input h0) and \"dout\" [B, N, D]")->required();
+  app.add_option("--out", a.out, "the results: out, grad.x, grad.<name> (never one of the inputs)")->required();
+  app.add_option("--alpha", a.alpha, "every module's alpha")->required()->check(dr2net_cli::finite());
+  app.add_option("--beta", a.beta, "every module's beta")->required()->check(dr2net_cli::finite());
+  app.add_option("--mode", a.mode, "backprop mode")
+      ->check(CLI::IsMember({"reversible", "standard", "error-bounded"}))
+      ->capture_default_str();
+  app.add_option("--precision", a.precision, "precision policy")
+      ->check(CLI::IsMember({"fp32", "fp64", "fixed-fp32", "fixed-fp64"}))
+      ->capture_default_str();
+  app.add_option("--backend", a.backend, "where the stack runs")->check(CLI::IsMember({"host", "cuda"}))->capture_default_str();
+  dr2net_cli::add_integer(app, "--num-heads", a.num_heads, 1, 1 << 20,
+                          "attention heads (default: the weights file's num_heads metadata)")
+      ->default_str("");
+  app.add_option("--eps", a.eps, "LayerNorm epsilon")->check(dr2net_cli::positive())->capture_default_str();
+  if (auto status = dr2net_cli::parse(app, argc, argv)) return status;
+  // The results never replace an input (./w vs w, symbolic and hard links included).
+  try {
+    dr2net::io::require_distinct_output("--out", a.out, {{"--weights", a.weights}, {"--input", a.input}});
+  } catch (const dr2net::Error& e) {
+    print_error(e.detail() + " (see --help)");
+    return 2;
   }
-  for (auto [flag, value] : {std::pair{"--weights", &a.weights}, {"--input", &a.input}, {"--out", &a.out}})
-    if (value->empty()) throw UsageError(std::string("missing ") + flag);
-  if (std::isnan(a.alpha)) throw UsageError("missing --alpha");
-  if (std::isnan(a.beta)) throw UsageError("missing --beta");
-  if (a.mode != "reversible" && a.mode != "standard" && a.mode != "error-bounded")
-    throw UsageError("--mode must be reversible, standard or error-bounded, got '" + a.mode + "'");
-  if (!known_precision(a.precision))
-    throw UsageError("--precision must be fp32, fp64, fixed-fp32 or fixed-fp64, got '" + a.precision + "'");
-  if (a.backend != "host" && a.backend != "cuda") throw UsageError("--backend must be host or cuda, got '" + a.backend + "'");
-  return a;
+  return std::nullopt;
 }
 
 template <class P>
@@ -184,7 +155,7 @@ int run(const Args& a) {
   using Stack = ReversibleStack<Layer>;
   const auto weights = io::SafetensorsReader::from_file(a.weights);
   const auto input = io::SafetensorsReader::from_file(a.input);
-  const auto cfg = io::infer_timm_vit_config(weights, a.num_heads);
+  const auto cfg = a.num_heads > 0 ? io::infer_timm_vit_config(weights, a.num_heads) : io::infer_timm_vit_config(weights);
 
   input.require({"x", "dout"});
   const auto& xr = input.record("x");
@@ -235,11 +206,12 @@ int run(const Args& a) {
 
 int main(int argc, char** argv) {
   try {
-    const Args a = parse(argc, argv);
+    Args a;
+    if (const auto status = parse(argc, argv, a)) return *status;
     if (a.backend == "cuda") {
 #if defined(DR2NET_VJP_HAVE_CUDA)
       return dr2net_vjp_cuda_run(a.weights, a.input, a.out, a.alpha, a.beta, a.mode, a.precision,
-                                 a.num_heads.value_or(0), a.eps);
+                                 a.num_heads, a.eps);
 #else
       std::fprintf(stderr, "dr2net-vjp: --backend cuda: this build of dr2net has no CUDA backend\n");
       return 1;
@@ -249,9 +221,6 @@ int main(int argc, char** argv) {
     if (a.precision == "fixed-fp32") return run<dr2net::FixedFp32>(a);
     if (a.precision == "fixed-fp64") return run<dr2net::FixedFp64>(a);
     return run<dr2net::Fp32>(a);
-  } catch (const UsageError& e) {
-    print_error(e.what(), " (see --help)");
-    return 2;
   } catch (const dr2net::Error& e) {
     print_error(e.detail());
     return 1;

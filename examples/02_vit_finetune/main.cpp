@@ -34,6 +34,8 @@
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
+#include <limits>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -43,9 +45,11 @@
 
 #include <dr2net/data/fashion_mnist.hpp>
 #include <dr2net/dr2net.hpp>
+#include <dr2net/io/paths.hpp>
 #include <dr2net/optim/adamw.hpp>
 #include <dr2net/optim/lr_schedule.hpp>
 
+#include "cli.hpp"
 #include "vit_classifier.hpp"
 
 namespace {
@@ -68,77 +72,47 @@ struct Options {
   bool proximity = false;
 };
 
-void usage(const char* argv0) {
-  std::printf(
-      "usage: %s [options]\n"
-      "  --data DIR            Fashion-MNIST directory (default %s;\n"
-      "                        apt-get install dataset-fashion-mnist)\n"
-      "  --out CHECKPOINT      where the pretrained checkpoint is written and read back\n"
-      "                        (default: in the temporary directory)\n"
-      "  --pretrain-subset N   training images of classes 0-4 used for pretraining (default 30000: all)\n"
-      "  --train-subset N      training images of classes 5-9 used for finetuning (default 10000)\n"
-      "  --pretrain-epochs E   (default 3)\n"
-      "  --finetune-epochs E   (default 5)\n"
-      "  --batch B             (default 64)\n"
-      "  --finetune-lr LR      peak learning rate of both finetuning runs (default 1e-3)\n"
-      "  --seed S              (default 1)\n"
-      "  --skip-pretrain       finetune from an existing checkpoint at --out instead of pretraining\n"
-      "  --proximity           also finetune exactly at a constant (1, 0.1) and (1, 0.01)\n",
-      argv0, std::string(dr2net::data::kFashionMnistDefaultDir).c_str());
+// Parses the command line; nullopt: run, otherwise the exit status (0 after --help, 2 after
+// a usage error, which names the flag).
+std::optional<int> parse(int argc, char** argv, Options& o) {
+  CLI::App app("Pretrains a small ViT on Fashion-MNIST classes 0-4, saves it as a timm-named checkpoint, then "
+               "finetunes it on classes 5-9 with standard backprop and with Dr2Net, side by side.",
+               "02_vit_finetune");
+  using dr2net_cli::add_integer;
+  constexpr std::int64_t kImages = 1000000000;
+  app.add_option("--data", o.data_dir, "Fashion-MNIST directory (apt-get install dataset-fashion-mnist)")
+      ->capture_default_str();
+  app.add_option("--out", o.checkpoint, "where the pretrained checkpoint is written and read back")->capture_default_str();
+  add_integer(app, "--pretrain-subset", o.pretrain_subset, std::int64_t{1}, kImages,
+              "training images of classes 0-4 used for pretraining (30000: all)");
+  add_integer(app, "--train-subset", o.train_subset, std::int64_t{1}, kImages,
+              "training images of classes 5-9 used for finetuning");
+  add_integer(app, "--pretrain-epochs", o.pretrain_epochs, 1, 1000000, "pretraining epochs");
+  add_integer(app, "--finetune-epochs", o.finetune_epochs, 1, 1000000, "finetuning epochs of every run");
+  add_integer(app, "--batch", o.batch, std::int64_t{1}, std::int64_t{1} << 20, "batch size");
+  app.add_option("--finetune-lr", o.finetune_lr, "peak learning rate of the finetuning runs")
+      ->check(dr2net_cli::positive())
+      ->capture_default_str();
+  add_integer(app, "--seed", o.seed, std::uint64_t{0}, std::numeric_limits<std::uint64_t>::max(), "random seed");
+  app.add_flag("--skip-pretrain", o.skip_pretrain, "finetune from an existing checkpoint at --out instead of pretraining");
+  app.add_flag("--proximity", o.proximity, "also finetune exactly at a constant (1, 0.1) and (1, 0.01)");
+  return dr2net_cli::parse(app, argc, argv);
 }
 
-// Parses the command line; returns false (after printing why) on a bad flag.
-bool parse(int argc, char** argv, Options& o) {
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view a = argv[i];
-    if (a == "--help" || a == "-h") {
-      usage(argv[0]);
-      std::exit(0);
-    }
-    if (a == "--skip-pretrain") {
-      o.skip_pretrain = true;
-      continue;
-    }
-    if (a == "--proximity") {
-      o.proximity = true;
-      continue;
-    }
-    if (i + 1 >= argc) {
-      std::fprintf(stderr, "%s: unknown flag or missing value: %s (see --help)\n", argv[0], argv[i]);
-      return false;
-    }
-    const std::string v = argv[++i];
-    const auto number = [&](long long lo) {
-      char* end = nullptr;
-      const long long x = std::strtoll(v.c_str(), &end, 10);
-      if (end == v.c_str() || *end != '\0' || x < lo) {
-        std::fprintf(stderr, "%s: %s needs an integer >= %lld, got '%s'\n", argv[0], argv[i - 1], lo, v.c_str());
-        std::exit(2);
-      }
-      return x;
-    };
-    if (a == "--data") o.data_dir = v;
-    else if (a == "--out") o.checkpoint = v;
-    else if (a == "--pretrain-subset") o.pretrain_subset = number(1);
-    else if (a == "--train-subset") o.train_subset = number(1);
-    else if (a == "--pretrain-epochs") o.pretrain_epochs = static_cast<int>(number(1));
-    else if (a == "--finetune-epochs") o.finetune_epochs = static_cast<int>(number(1));
-    else if (a == "--batch") o.batch = number(1);
-    else if (a == "--seed") o.seed = static_cast<std::uint64_t>(number(0));
-    else if (a == "--finetune-lr") {
-      char* end = nullptr;
-      o.finetune_lr = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !(o.finetune_lr > 0) || !std::isfinite(o.finetune_lr)) {
-        std::fprintf(stderr, "%s: --finetune-lr needs a positive number, got '%s'\n", argv[0], v.c_str());
-        return false;
-      }
-    }
-    else {
-      std::fprintf(stderr, "%s: unknown flag %s (see --help)\n", argv[0], argv[i - 1]);
-      return false;
-    }
-  }
-  return true;
+// The data files `--out` must not be (pretraining writes the checkpoint there).
+void require_checkpoint_apart_from_data(const Options& o) {
+  for (std::string_view name : dr2net::data::kFashionMnistFiles)
+    dr2net::io::require_distinct_output("--out", o.checkpoint,
+                                        {{"--data", std::filesystem::path(o.data_dir) / name}});
+}
+
+// The checkpoint's patch embedding must fit the data: images of `set`'s size, one channel.
+void require_embedding_fits(const example::ModelConfig& c, const std::string& checkpoint, const LabelledImages& set,
+                            const std::string& data_dir) {
+  DR2NET_CHECK(c.channels == 1 && c.image == set.height && c.image == set.width, "checkpoint '", checkpoint,
+               "' embeds ", c.image, "x", c.image, " images of ", c.channels, " channel(s) in patches of ", c.patch,
+               " (patch_embed.proj.weight, pos_embed), but the data in '", data_dir, "' are ", set.height, "x",
+               set.width, " images of 1 channel");
 }
 
 // Fashion-MNIST's pixel mean and standard deviation (of the training set, on [0, 1]).
@@ -169,7 +143,7 @@ double evaluate(Model& model, const LabelledImages& set, std::int64_t batch, std
     idx.clear();
     for (std::int64_t i = start; i < std::min(set.size(), start + batch); ++i) idx.push_back(i);
     gather(set, idx, images, labels);
-    correct += model.predict_correct(images.data(), labels, step);
+    correct += model.predict_correct(images, labels, step);
   }
   return 100.0 * static_cast<double>(correct) / static_cast<double>(set.size());
 }
@@ -247,7 +221,7 @@ TrainResult train(Model& model, dr2net::HostContext& ctx, const LabelledImages& 
       gather(set, std::span(order).subspan(static_cast<std::size_t>(s * tc.batch), static_cast<std::size_t>(tc.batch)),
              images, labels);
       opt.zero_grad();
-      const example::StepResult r = model.train_step(images.data(), labels, step);
+      const example::StepResult r = model.train_step(images, labels, step);
       const double norm = dr2net::optim::clip_grad_norm(params, tc.clip);
       DR2NET_CHECK(std::isfinite(norm) && std::isfinite(r.loss), label, ": non-finite loss ", r.loss,
                    " or gradient norm ", norm, " at step ", step);
@@ -305,7 +279,10 @@ void finetune(Run& r, const example::ModelConfig& fc, const dr2net::StackOptions
 
 int run(const Options& o) {
   const auto wall0 = std::chrono::steady_clock::now();
-  if (const auto missing = dr2net::data::missing_fashion_mnist_files(o.data_dir); !missing.empty()) {
+  // A file that is not there at all gets the installation hint; anything else wrong with the
+  // files (a directory in a file's place, a damaged file) is load_fashion_mnist's to report.
+  if (const auto missing = dr2net::data::missing_fashion_mnist_files(o.data_dir);
+      !missing.empty() && !std::filesystem::exists(missing.front())) {
     std::fprintf(stderr,
                  "Fashion-MNIST not found (%s is missing): apt-get install dataset-fashion-mnist, or pass --data DIR\n",
                  missing.front().c_str());
@@ -321,7 +298,10 @@ int run(const Options& o) {
 
   example::ModelConfig mc;
   mc.image = fmnist.train.height;
-  DR2NET_CHECK(fmnist.train.height == fmnist.train.width, "square images expected");
+  DR2NET_CHECK(fmnist.train.height == fmnist.train.width && fmnist.train.height % mc.patch == 0, "Fashion-MNIST in '",
+               o.data_dir, "' (", dr2net::data::kFashionMnistFiles[0], "): images are ", fmnist.train.height, "x",
+               fmnist.train.width, "; this example's ViT needs square images whose side is a multiple of its patch ",
+               mc.patch);
   std::printf("dr2net 02_vit_finetune: ViT %lldx%lld images, patch %lld (%lld tokens), D = %lld, %lld heads, MLP %lld, "
               "%d layers; host GEMM: %s\n",
               static_cast<long long>(mc.image), static_cast<long long>(mc.image), static_cast<long long>(mc.patch),
@@ -347,6 +327,7 @@ int run(const Options& o) {
   // ---- stage 2: finetuning on classes 5-9 from the checkpoint, twice ----
   const auto file = dr2net::io::SafetensorsReader::from_file(o.checkpoint);
   example::ModelConfig fc = example::infer_model_config(file);
+  require_embedding_fits(fc, o.checkpoint, fmnist.train, o.data_dir);
   fc.classes = 5;  // classes 5-9 relabelled 0-4, a new head
   const std::int64_t per_epoch = fine_train.size() / o.batch;
   const std::int64_t total = per_epoch * o.finetune_epochs;
@@ -414,7 +395,13 @@ int run(const Options& o) {
 
 int main(int argc, char** argv) {
   Options o;
-  if (!parse(argc, argv, o)) return 2;
+  if (const auto status = parse(argc, argv, o)) return *status;
+  try {
+    if (!o.skip_pretrain) require_checkpoint_apart_from_data(o);
+  } catch (const dr2net::Error& e) {
+    std::fprintf(stderr, "02_vit_finetune: %s (see --help)\n", e.detail().c_str());
+    return 2;
+  }
   try {
     return run(o);
   } catch (const std::exception& e) {

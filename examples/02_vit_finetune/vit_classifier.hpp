@@ -71,7 +71,7 @@ class VitClassifier {
 
   // Forward and backward of one batch of images [B, C, H, W] at `step`; parameter gradients
   // accumulate (zero them first). Returns the mean loss and the number of correct predictions.
-  StepResult train_step(const float* images, std::span<const std::int32_t> labels, std::int64_t step) {
+  StepResult train_step(std::span<const float> images, std::span<const std::int32_t> labels, std::int64_t step) {
     const auto B = static_cast<std::int64_t>(labels.size());
     prepare(B);
     const dr2net::Shape tokens{B, embedding_.num_tokens(), config_.dim};
@@ -90,7 +90,7 @@ class VitClassifier {
   }
 
   // Correct predictions on a batch, inference only, with the coefficients of `step`.
-  std::int64_t predict_correct(const float* images, std::span<const std::int32_t> labels, std::int64_t step) {
+  std::int64_t predict_correct(std::span<const float> images, std::span<const std::int32_t> labels, std::int64_t step) {
     const auto B = static_cast<std::int64_t>(labels.size());
     prepare(B);
     const dr2net::Shape tokens{B, embedding_.num_tokens(), config_.dim};
@@ -134,8 +134,14 @@ class VitClassifier {
     }
   };
 
-  dr2net::ConstView<float> image_view(const float* images, std::int64_t B) const {
-    return dr2net::ConstView<float>(images, {B, config_.channels, config_.image, config_.image});
+  // The images as [B, C, H, W] of this model's configuration; a batch of another size (images
+  // of another resolution or channel count) is refused before the embedding reads it.
+  dr2net::ConstView<float> image_view(std::span<const float> images, std::int64_t B) const {
+    const dr2net::Shape shape{B, config_.channels, config_.image, config_.image};
+    DR2NET_CHECK(images.size() == static_cast<std::size_t>(shape.numel()), "VitClassifier: a batch of ", B,
+                 " images holds ", images.size(), " values, but this model takes ", shape, " (",
+                 config_.channels, " channel(s) of ", config_.image, "x", config_.image, ")");
+    return dr2net::ConstView<float>(images.data(), shape);
   }
 
   // Activation buffers of the ends, sized for the largest batch seen and metered: the stack's

@@ -378,8 +378,8 @@ TEST_CASE("dr2net-vjp rejects bad input with one line and a non-zero status", "[
       {W + X + O + AB + " --mode sideways", "--mode"},
       {W + X + O + AB + " --precision fp16", "--precision"},
       {W + X + O + " --alpha 1 --beta nan", "--beta"},
-      {W + X + O + " --beta 0.5", "missing --alpha"},
-      {X + O + AB, "missing --weights"},
+      {W + X + O + " --beta 0.5", "--alpha is required"},
+      {X + O + AB, "--weights is required"},
       {W + X + O + AB + " --frobnicate 1", "unknown argument"},
       {W + X + O + AB + " --backend cuda", "CUDA"},
       {" --weights " + dir.file("absent.safetensors") + X + O + AB, "absent.safetensors"},
@@ -596,4 +596,54 @@ TEST_CASE("dr2net-vjp metadata: every number with 17 significant digits", "[tool
       CHECK(metadata_number(res, "snapshots") >= 0);
     }
   }
+}
+
+TEST_CASE("dr2net-vjp: an --out that is one of the inputs is refused, and the input is unchanged", "[tool]") {
+  TempDir dir;
+  std::mt19937_64 rng(3);
+  const std::int64_t B = 1, N = 3, D = 8, H = 16;
+  const auto tensors = random_checkpoint(1, D, H, rng);
+  const auto bytes = write(tensors, D, H, io::DType::F32, {{"num_heads", "2"}});
+  write_file(dir.file("w.safetensors"), bytes);
+  const auto x = dr2net::testing::random_vector<double>(static_cast<std::size_t>(B * N * D), rng);
+  write_input(dir.file("x.safetensors"), x, x, B, N, D);
+  const auto input_bytes = [&] {
+    std::ifstream f(dir.file("x.safetensors"), std::ios::binary);
+    return std::vector<char>(std::istreambuf_iterator<char>(f), {});
+  }();
+  fs::create_symlink(dir.file("w.safetensors"), dir.file("link.safetensors"));
+  fs::create_hard_link(dir.file("w.safetensors"), dir.file("hard.safetensors"));
+  fs::create_directories(dir.path / "sub");
+  const std::string AB = " --alpha 0 --beta 1 --mode standard";
+  const std::string W = " --weights " + dir.file("w.safetensors"), X = " --input " + dir.file("x.safetensors");
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {W + X + " --out " + dir.file("w.safetensors"), "--weights"},
+      {W + X + " --out " + (dir.path / "sub" / ".." / "w.safetensors").string(), "--weights"},
+      {W + X + " --out " + (dir.path / "." / "x.safetensors").string(), "--input"},
+      {W + X + " --out " + dir.file("link.safetensors"), "--weights"},
+      {W + X + " --out " + dir.file("hard.safetensors"), "--weights"},
+      {" --weights " + dir.file("link.safetensors") + X + " --out " + dir.file("hard.safetensors"), "--weights"},
+  };
+  for (const auto& [args, flag] : cases) {
+    INFO(args);
+    const auto r = run_tool(dir, args + AB);
+    INFO(r.err);
+    CHECK(r.status == 2);
+    CHECK(r.err.find("is the same file as " + flag) != std::string::npos);
+    CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+    std::ifstream f(dir.file("w.safetensors"), std::ios::binary);
+    CHECK(std::vector<char>(std::istreambuf_iterator<char>(f), {}) == std::vector<char>(bytes.begin(), bytes.end()));
+    std::ifstream g(dir.file("x.safetensors"), std::ios::binary);
+    CHECK(std::vector<char>(std::istreambuf_iterator<char>(g), {}) == input_bytes);
+  }
+  // "./x" vs "x" from the working directory: the tool runs in dir.
+  const std::string rel = "cd " + dir.path.string() + " && " + std::string(DR2NET_VJP_PATH) +
+                          " --weights w.safetensors --input x.safetensors --out ./w.safetensors" + AB + " 2> /dev/null";
+  const int rc = std::system(rel.c_str());
+  CHECK((WIFEXITED(rc) ? WEXITSTATUS(rc) : -1) == 2);
+  // A different output is written.
+  const auto ok = run_tool(dir, W + X + " --out " + dir.file("r.safetensors") + AB);
+  INFO(ok.err);
+  CHECK(ok.status == 0);
+  CHECK(fs::exists(dir.file("r.safetensors")));
 }
