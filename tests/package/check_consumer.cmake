@@ -6,12 +6,13 @@
 #      not even its options, only CMake's own per-project, FetchContent and CUDA entries;
 #   3. CUDA is enabled in the consumer only when it asked (DR2NET_ENABLE_CUDA=ON), and then a
 #      CMAKE_CUDA_ARCHITECTURES set by the consumer keeps its value;
-#   4. the consumer builds and runs (unless BUILD is OFF);
+#   4. the consumer builds and runs (unless BUILD is OFF), with the host GEMM EXPECT_GEMM names;
 #   5. `cmake --install` of the consumer installs its own program and nothing of dr2net.
 #
-# cmake -DMODE=add_subdirectory|fetchcontent -DSOURCE_DIR=<dr2net> -DCONSUMER_DIR=<consumer>
+# cmake -DMODE=[cblas_]add_subdirectory|fetchcontent -DSOURCE_DIR=<dr2net> -DCONSUMER_DIR=<consumer>
 #       -DSNIPPET=<file> -DDOC=<page.md> -DWORK_DIR=<scratch> -DGENERATOR=<g> -DCXX=<compiler>
-#       [-DEXTRA_ARGS=<;-list of -D flags>] [-DEXPECT_CUDA=ON] [-DBUILD=OFF] -P check_consumer.cmake
+#       [-DEXTRA_ARGS=<;-list of -D flags>] [-DEXPECT_CUDA=ON] [-DEXPECT_GEMM=cblas] [-DBUILD=OFF]
+#       -P check_consumer.cmake
 cmake_minimum_required(VERSION 3.25)
 
 foreach(v MODE SOURCE_DIR CONSUMER_DIR SNIPPET DOC WORK_DIR GENERATOR CXX)
@@ -83,7 +84,7 @@ file(REMOVE_RECURSE ${WORK_DIR})
 file(COPY ${CONSUMER_DIR}/ DESTINATION ${WORK_DIR}/src)
 set(dr2net_files ${SOURCE_DIR}/CMakeLists.txt ${SOURCE_DIR}/cmake ${SOURCE_DIR}/include)
 set(args -G ${GENERATOR} -DCMAKE_CXX_COMPILER=${CXX} ${EXTRA_ARGS})
-if(MODE STREQUAL "add_subdirectory")
+if(MODE MATCHES "add_subdirectory$")
   file(COPY ${dr2net_files} DESTINATION ${WORK_DIR}/src/third_party/dr2net)
 elseif(MODE STREQUAL "fetchcontent")
   # A git repository of the sources with the release tag the snippet names.
@@ -146,6 +147,12 @@ foreach(name IN LISTS names)
      "^(CMAKE_CUDA_.*|CUDAToolkit_.*|CUDA_.*|CMAKE_HAVE_LIBC_PTHREAD|FIND_PACKAGE_MESSAGE_DETAILS_(CUDAToolkit|Threads))$")
     continue()
   endif()
+  # With DR2NET_USE_CBLAS on: the CBLAS search's results and pkg-config's entries (FindPkgConfig
+  # keeps its results, DR2NET_OPENBLAS_*, and prefix_result as INTERNAL entries).
+  if(EXPECT_GEMM STREQUAL "cblas" AND name MATCHES
+     "^(DR2NET_CBLAS_(INCLUDE_DIR|LIBRARY)|DR2NET_OPENBLAS_.*|PKG_CONFIG_.*|__pkg_config_.*|pkgcfg_lib_DR2NET_OPENBLAS_.*|prefix_result|FIND_PACKAGE_MESSAGE_DETAILS_PkgConfig)$")
+    continue()
+  endif()
   list(APPEND added ${name})
 endforeach()
 if(added)
@@ -178,6 +185,9 @@ if(BUILD)
   run_checked("running the consumer" ${WORK_DIR}/build/my_trainer)
   if(NOT run_output MATCHES "consumer: dr2net ${version} works")
     message(FATAL_ERROR "check_consumer: the consumer printed '${run_output}'")
+  endif()
+  if(DEFINED EXPECT_GEMM AND NOT run_output MATCHES "\\(host GEMM: ${EXPECT_GEMM}\\)")
+    message(FATAL_ERROR "check_consumer: expected the host GEMM '${EXPECT_GEMM}'; the consumer printed '${run_output}'")
   endif()
 
   # ---- 5. install: the consumer's program, nothing of dr2net -------------------------------

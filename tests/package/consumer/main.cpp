@@ -2,8 +2,10 @@
 // reversible and standard backprop agree: proof that the package is complete and usable.
 #include <cmath>
 #include <cstdio>
+#include <string>
 #include <vector>
 
+#include <dr2net/backend/host/gemm.hpp>
 #include <dr2net/dr2net.hpp>
 
 struct Cubic {  // F(x) = w * x^3 / 3, elementwise
@@ -49,6 +51,19 @@ int main() {
       std::printf("consumer: reversible and standard gradients differ at %zu\n", i);
       return 1;
     }
-  std::printf("consumer: dr2net %d.%d.%d works\n", DR2NET_VERSION_MAJOR, DR2NET_VERSION_MINOR, DR2NET_VERSION_PATCH);
+  // The host GEMM, CBLAS or blocked loops as this consumer configured it, against a plain loop.
+  const double a[6] = {0.5, -1.0, 2.0, 0.25, 3.0, -0.75}, b[6] = {1.5, -2.0, 0.5, 4.0, -1.0, 0.125};
+  double c[4], ref[4] = {0, 0, 0, 0};
+  dr2net::host_gemm(dr2net::Transpose::No, dr2net::Transpose::No, 2, 2, 3, 1.0, a, 3, b, 2, 0.0, c, 2);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      for (int l = 0; l < 3; ++l) ref[i * 2 + j] += a[i * 3 + l] * b[l * 2 + j];
+  for (int i = 0; i < 4; ++i)
+    if (std::abs(c[i] - ref[i]) > 1e-12) {
+      std::printf("consumer: host_gemm (%s) differs from the loop at %d\n", std::string(dr2net::host_gemm_backend()).c_str(), i);
+      return 1;
+    }
+  std::printf("consumer: dr2net %d.%d.%d works (host GEMM: %s)\n", DR2NET_VERSION_MAJOR, DR2NET_VERSION_MINOR,
+              DR2NET_VERSION_PATCH, std::string(dr2net::host_gemm_backend()).c_str());
   return 0;
 }

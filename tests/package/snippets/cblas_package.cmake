@@ -1,0 +1,5 @@
+find_package(dr2net 0.1 REQUIRED)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(OPENBLAS REQUIRED IMPORTED_TARGET openblas)
+target_link_libraries(my_trainer PRIVATE dr2net::dr2net PkgConfig::OPENBLAS)
+target_compile_definitions(my_trainer PRIVATE DR2NET_HAVE_CBLAS)
