@@ -38,6 +38,8 @@
 #include "dr2net/modules/cuda/vit.cuh"
 #include "dr2net/schedule/schedules.hpp"
 
+#include "cli.hpp"
+
 using namespace dr2net;
 
 namespace {
@@ -215,21 +217,23 @@ int main(int argc, char** argv) {
   double budget_gib = 40;
   std::int64_t batch_197 = 64, batch_1568 = 8;
   bool vit = true;
-  for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
-    else if (!std::strcmp(argv[i], "--budget-gib") && i + 1 < argc) budget_gib = std::atof(argv[++i]);
-    else if (!std::strcmp(argv[i], "--batch-197") && i + 1 < argc) batch_197 = std::atoll(argv[++i]);
-    else if (!std::strcmp(argv[i], "--batch-1568") && i + 1 < argc) batch_1568 = std::atoll(argv[++i]);
-    else if (!std::strcmp(argv[i], "--no-vit")) vit = false;
-    else if (!std::strcmp(argv[i], "--elements") && i + 1 < argc) n = std::strtoull(argv[++i], nullptr, 10);
-    else if (!std::strcmp(argv[i], "--repeats") && i + 1 < argc) repeats = std::atoi(argv[++i]);
-    else {
-      std::fprintf(stderr,
-                   "usage: %s [--json FILE] [--elements N] [--repeats R] [--budget-gib G] [--batch-197 B] "
-                   "[--batch-1568 B] [--no-vit]\n",
-                   argv[0]);
-      return 2;
-    }
+  {
+    CLI::App app("GPU benchmark: combine-kernel bandwidth vs a device copy, and a ViT-B/16-sized stack's step "
+                 "time and memory in standard and reversible mode.",
+                 "dr2net_bench_gpu_vit_step");
+    using dr2net_cli::add_integer;
+    app.add_option("--json", json_path, "the results as JSON");
+    add_integer(app, "--elements", n, std::size_t{1}, std::size_t{1} << 34, "elements per stream of the bandwidth test");
+    add_integer(app, "--repeats", repeats, 1, 1 << 20, "timed repeats");
+    app.add_option("--budget-gib", budget_gib, "memory budget of the largest-batch search, GiB")
+        ->check(dr2net_cli::positive())
+        ->capture_default_str();
+    add_integer(app, "--batch-197", batch_197, std::int64_t{1}, std::int64_t{1} << 20, "batch at 197 tokens");
+    add_integer(app, "--batch-1568", batch_1568, std::int64_t{1}, std::int64_t{1} << 20, "batch at 1568 tokens");
+    bool no_vit = false;
+    app.add_flag("--no-vit", no_vit, "the bandwidth test only");
+    if (const auto status = dr2net_cli::parse(app, argc, argv)) return *status;
+    vit = !no_vit;
   }
   try {
     CudaContext ctx;

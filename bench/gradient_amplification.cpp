@@ -19,6 +19,8 @@
 #include "dr2net/dr2net.hpp"
 #include "support/test_functors.hpp"
 
+#include "cli.hpp"
+
 namespace {
 
 using namespace dr2net;
@@ -68,14 +70,10 @@ double error(const Grads& got, const Grads& want) {
 
 int main(int argc, char** argv) {
   int steps = 4;
-  for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--steps") && i + 1 < argc) {
-      steps = std::atoi(argv[++i]);
-    } else {
-      std::fprintf(stderr, "usage: %s [--steps K]\n", argv[0]);
-      return 2;
-    }
-  }
+  CLI::App app("How much error-bounded mode's gradient error exceeds the stream error it bounds.",
+               "dr2net_bench_gradient_amplification");
+  dr2net_cli::add_integer(app, "--steps", steps, 1, 1 << 20, "error-bounded steps per model");
+  if (const auto status = dr2net_cli::parse(app, argc, argv)) return *status;
   std::printf("| weight scale | seed | step | snapshots | stream error (EB) | gradient error (EB vs fp32 standard) | ratio |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
   std::vector<std::string> models;

@@ -48,6 +48,8 @@
 #include "dr2net/dr2net.hpp"
 #include "dr2net/modules/vit.hpp"
 
+#include "cli.hpp"
+
 namespace {
 
 using Sched = dr2net::ConstantSchedule;
@@ -73,67 +75,54 @@ struct Options {
   std::string json;
 };
 
-[[noreturn]] void usage(const char* argv0, const std::string& problem) {
-  std::cerr << "error: " << problem << "\n"
-            << "usage: " << argv0
-            << " [--depths L1,L2,...] [--batch B] [--tokens N] [--dim D] [--heads H] [--hidden M]\n"
-               "       [--repeats R] [--eb-warmup W] [--no-self-check] [--require-bit-identical] [--quick]"
-               " [--json FILE]\n";
-  std::exit(2);
-}
-
-Options parse(int argc, char** argv) {
-  Options o;
-  // --quick first, so that explicit flags after it (or before it) still win.
-  for (int i = 1; i < argc; ++i)
-    if (std::string_view(argv[i]) == "--quick") {
-      o.quick = true;
-      o.depths = {2, 4};
-      o.batch = 2, o.tokens = 9, o.dim = 16, o.heads = 2, o.hidden = 32;
-      o.repeats = 1;
-      o.eb_warmup = 2;
-    }
-  auto integer = [&](const std::string& flag, const std::string& v, std::int64_t lo) {
-    try {
-      std::size_t used = 0;
-      const long long n = std::stoll(v, &used);
-      if (used != v.size() || n < lo) throw std::invalid_argument(v);
-      return static_cast<std::int64_t>(n);
-    } catch (const std::exception&) {
-      usage(argv[0], flag + " needs an integer >= " + std::to_string(lo) + ", got '" + v + "'");
-    }
-  };
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--quick") continue;
-    if (a == "--no-self-check") {
-      o.self_check = false;
-      continue;
-    }
-    if (a == "--require-bit-identical") {
-      o.require_identical = true;
-      continue;
-    }
-    if (i + 1 >= argc) usage(argv[0], "missing value after " + a);
-    const std::string v = argv[++i];
-    if (a == "--depths") {
-      o.depths.clear();
-      std::stringstream ss(v);
-      std::string item;
-      while (std::getline(ss, item, ',')) o.depths.push_back(static_cast<int>(integer(a, item, 1)));
-      if (o.depths.empty()) usage(argv[0], "--depths needs at least one depth");
-    } else if (a == "--batch") o.batch = integer(a, v, 1);
-    else if (a == "--tokens") o.tokens = integer(a, v, 1);
-    else if (a == "--dim") o.dim = integer(a, v, 1);
-    else if (a == "--heads") o.heads = integer(a, v, 1);
-    else if (a == "--hidden") o.hidden = integer(a, v, 1);
-    else if (a == "--repeats") o.repeats = static_cast<int>(integer(a, v, 1));
-    else if (a == "--eb-warmup") o.eb_warmup = static_cast<int>(integer(a, v, 0));
-    else if (a == "--json") o.json = v;
-    else usage(argv[0], "unknown option " + a);
+// The command line; nullopt: run, otherwise the exit status (usage errors: 2, naming the flag).
+std::optional<int> parse(int argc, char** argv, Options& o) {
+  CLI::App app("Exact mode along the paper's path: exact (FixedFp32) vs error-bounded, plain reversible and "
+               "standard fp32 at three points, against fp64 standard.",
+               "dr2net_bench_host_exact_step");
+  using dr2net_cli::add_integer;
+  constexpr std::int64_t kMax = 1000000000;
+  std::string depths = "12,24";
+  bool no_self_check = false;
+  app.add_option("--depths", depths, "depths L1,L2,...")
+      ->check(dr2net_cli::list_of(dr2net_cli::integer<int>(1, 1 << 20)))
+      ->capture_default_str();
+  add_integer(app, "--batch", o.batch, std::int64_t{1}, kMax, "batch B");
+  add_integer(app, "--tokens", o.tokens, std::int64_t{1}, kMax, "tokens N");
+  add_integer(app, "--dim", o.dim, std::int64_t{1}, kMax, "model width D");
+  add_integer(app, "--heads", o.heads, std::int64_t{1}, kMax, "attention heads (divide --dim)");
+  add_integer(app, "--hidden", o.hidden, std::int64_t{1}, kMax, "MLP hidden width");
+  add_integer(app, "--repeats", o.repeats, 1, 1 << 20, "timed repeats (median)");
+  add_integer(app, "--eb-warmup", o.eb_warmup, 0, 1 << 20, "error-bounded warmup steps");
+  app.add_flag("--no-self-check", no_self_check, "skip the self-checks");
+  app.add_flag("--require-bit-identical", o.require_identical,
+               "exit non-zero unless exact mode's gradients equal standard FixedFp32's bit for bit");
+  app.add_flag("--quick", o.quick,
+               "tiny shapes and one repeat (depths 2,4, B 2, N 9, D 16, 2 heads, MLP 32, warmup 2); explicit "
+               "flags still win");
+  app.add_option("--json", o.json, "the results as JSON");
+  if (auto status = dr2net_cli::parse(app, argc, argv)) return status;
+  o.self_check = !no_self_check;
+  if (o.quick) {  // the quick shapes, where no flag says otherwise
+    const auto quick = [&](const char* flag, auto& value, auto v) {
+      if (app.count(flag) == 0) value = v;
+    };
+    if (app.count("--depths") == 0) depths = "2,4";
+    quick("--batch", o.batch, std::int64_t{2});
+    quick("--tokens", o.tokens, std::int64_t{9});
+    quick("--dim", o.dim, std::int64_t{16});
+    quick("--heads", o.heads, std::int64_t{2});
+    quick("--hidden", o.hidden, std::int64_t{32});
+    quick("--repeats", o.repeats, 1);
+    quick("--eb-warmup", o.eb_warmup, 2);
   }
-  if (o.dim % o.heads != 0) usage(argv[0], "--heads must divide --dim");
-  return o;
+  o.depths = dr2net_cli::integers<int>(depths);
+  if (o.dim % o.heads != 0) {
+    std::cerr << "dr2net_bench_host_exact_step: --heads " << o.heads << " must divide --dim " << o.dim
+              << " (see --help)\n";
+    return 2;
+  }
+  return std::nullopt;
 }
 
 // ---- weights ---------------------------------------------------------------------------------
@@ -554,7 +543,8 @@ struct Target {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Options o = parse(argc, argv);
+  Options o;
+  if (const auto status = parse(argc, argv, o)) return *status;
   try {
     const PointSpec points[] = {{1.0, 0.1}, {0.5, 0.55}, {0.0, 1.0}};
     std::vector<Result> results;

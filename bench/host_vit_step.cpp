@@ -16,6 +16,7 @@
 #include <exception>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <random>
 #include <string>
 #include <string_view>
@@ -24,6 +25,8 @@
 #include "dr2net/backend/host/gemm.hpp"
 #include "dr2net/dr2net.hpp"
 #include "dr2net/modules/vit.hpp"
+
+#include "cli.hpp"
 
 namespace {
 
@@ -39,40 +42,21 @@ struct Options {
   std::string json;
 };
 
-[[noreturn]] void usage(const char* argv0, const std::string& problem) {
-  std::cerr << "error: " << problem << "\n"
-            << "usage: " << argv0
-            << " [--layers L] [--batch B] [--tokens N] [--dim D] [--heads H] [--hidden M] [--steps S] [--json FILE]\n";
-  std::exit(2);
-}
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view a = argv[i];
-    if (i + 1 >= argc) usage(argv[0], "missing value after " + std::string(a));
-    const std::string v = argv[++i];
-    auto number = [&](std::int64_t lo) {
-      try {
-        std::size_t used = 0;
-        const long long n = std::stoll(v, &used);
-        if (used != v.size() || n < lo) throw std::invalid_argument(v);
-        return static_cast<std::int64_t>(n);
-      } catch (const std::exception&) {
-        usage(argv[0], std::string(a) + " needs an integer >= " + std::to_string(lo) + ", got '" + v + "'");
-      }
-    };
-    if (a == "--layers") o.layers = static_cast<int>(number(1));
-    else if (a == "--batch") o.batch = number(1);
-    else if (a == "--tokens") o.tokens = number(1);
-    else if (a == "--dim") o.dim = number(1);
-    else if (a == "--heads") o.heads = number(1);
-    else if (a == "--hidden") o.hidden = number(1);
-    else if (a == "--steps") o.steps = static_cast<int>(number(1));
-    else if (a == "--json") o.json = v;
-    else usage(argv[0], "unknown option " + std::string(a));
-  }
-  return o;
+// The command line; nullopt: run, otherwise the exit status (usage errors: 2, naming the flag).
+std::optional<int> parse(int argc, char** argv, Options& o) {
+  CLI::App app("One ViT training step on the host, reversible and standard backprop side by side (fp32).",
+               "dr2net_bench_host_vit_step");
+  using dr2net_cli::add_integer;
+  constexpr std::int64_t kMax = 1000000000;
+  add_integer(app, "--layers", o.layers, 1, 1 << 20, "layers");
+  add_integer(app, "--batch", o.batch, std::int64_t{1}, kMax, "batch B");
+  add_integer(app, "--tokens", o.tokens, std::int64_t{1}, kMax, "tokens N");
+  add_integer(app, "--dim", o.dim, std::int64_t{1}, kMax, "model width D");
+  add_integer(app, "--heads", o.heads, std::int64_t{1}, kMax, "attention heads");
+  add_integer(app, "--hidden", o.hidden, std::int64_t{1}, kMax, "MLP hidden width");
+  add_integer(app, "--steps", o.steps, 1, 1 << 20, "timed steps per mode");
+  app.add_option("--json", o.json, "the results as JSON");
+  return dr2net_cli::parse(app, argc, argv);
 }
 
 //! One mode's stack, on its own context so that its meter sees only that mode.
@@ -124,7 +108,8 @@ std::string mode_json(const Run& r) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Options o = parse(argc, argv);
+  Options o;
+  if (const auto status = parse(argc, argv, o)) return *status;
   try {
     const dr2net::Shape shape{o.batch, o.tokens, o.dim};
     const auto n = static_cast<std::size_t>(shape.numel());

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -21,6 +22,8 @@
 
 #include "dr2net/dr2net.hpp"
 #include "dr2net/modules/vit.hpp"
+
+#include "cli.hpp"
 
 namespace {
 
@@ -32,32 +35,36 @@ struct Options {
   std::string json;
 };
 
-std::vector<std::int64_t> list(const std::string& s) {
-  std::vector<std::int64_t> v;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) v.push_back(std::atoll(item.c_str()));
-  return v;
-}
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string f = argv[i], v = argv[i + 1];
-    if (f == "--dim") o.dim = std::atoll(v.c_str());
-    else if (f == "--heads") o.heads = std::atoll(v.c_str());
-    else if (f == "--hidden") o.hidden = std::atoll(v.c_str());
-    else if (f == "--batch") o.batch = std::atoll(v.c_str());
-    else if (f == "--depths") o.depths = list(v);
-    else if (f == "--tokens-list") o.tokens_list = list(v);
-    else if (f == "--depth-tokens") o.depth_tokens = std::atoll(v.c_str());
-    else if (f == "--tokens-depth") o.tokens_depth = std::atoll(v.c_str());
-    else if (f == "--json") o.json = v;
-    else {
-      std::fprintf(stderr, "unknown argument %s\n", f.c_str());
-      std::exit(2);
-    }
-  }
-  return o;
+// The command line; nullopt: run, otherwise the exit status (usage errors: 2, naming the flag).
+std::optional<int> parse(int argc, char** argv, Options& o) {
+  CLI::App app("Peak activation and total memory of one ViT training step in standard, reversible and "
+               "error-bounded mode across depth and token count.",
+               "dr2net_bench_memory_sweep");
+  using dr2net_cli::add_integer;
+  constexpr std::int64_t kMax = 1000000000;
+  const auto list = [](const std::vector<std::int64_t>& v) {
+    std::string s;
+    for (auto x : v) s += (s.empty() ? "" : ",") + std::to_string(x);
+    return s;
+  };
+  std::string depths = list(o.depths), tokens = list(o.tokens_list);
+  add_integer(app, "--dim", o.dim, std::int64_t{1}, kMax, "model width D");
+  add_integer(app, "--heads", o.heads, std::int64_t{1}, kMax, "attention heads");
+  add_integer(app, "--hidden", o.hidden, std::int64_t{1}, kMax, "MLP hidden width");
+  add_integer(app, "--batch", o.batch, std::int64_t{1}, kMax, "batch B");
+  app.add_option("--depths", depths, "depths of the depth sweep")
+      ->check(dr2net_cli::list_of(dr2net_cli::integer<std::int64_t>(1, 1 << 20)))
+      ->capture_default_str();
+  app.add_option("--tokens-list", tokens, "token counts of the token sweep")
+      ->check(dr2net_cli::list_of(dr2net_cli::integer<std::int64_t>(1, kMax)))
+      ->capture_default_str();
+  add_integer(app, "--depth-tokens", o.depth_tokens, std::int64_t{1}, kMax, "tokens of the depth sweep");
+  add_integer(app, "--tokens-depth", o.tokens_depth, std::int64_t{1}, std::int64_t{1} << 20, "depth of the token sweep");
+  app.add_option("--json", o.json, "the results as JSON");
+  if (auto status = dr2net_cli::parse(app, argc, argv)) return status;
+  o.depths = dr2net_cli::integers<std::int64_t>(depths);
+  o.tokens_list = dr2net_cli::integers<std::int64_t>(tokens);
+  return std::nullopt;
 }
 
 struct Point {
@@ -115,7 +122,8 @@ Point measure(const Options& o, std::int64_t L, std::int64_t N, dr2net::Backprop
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Options o = parse(argc, argv);
+  Options o;
+  if (const auto status = parse(argc, argv, o)) return *status;
   std::vector<Point> points;
   auto sweep = [&](std::int64_t L, std::int64_t N, const char* axis) {
     // Standard and reversible at (0, 1); error-bounded at the paper's starting point (1, 0.1),
