@@ -788,3 +788,42 @@ TEST_CASE("clip_grad_norm scales all gradients together and returns the norm bef
   CHECK(a.grad == before);  // left for the caller to handle
   CHECK_THROWS_WITH(optim::clip_grad_norm(params, 0.0), Contains("max_norm must be positive"));
 }
+
+TEST_CASE("Fashion-MNIST errors name the file and the sizes; a directory is 'is a directory'",
+          "[fashion-mnist][errors]") {
+  TempDir dir;
+  write_fake_fashion_mnist(dir, 40, 20);
+  SECTION("a directory in a file's place") {
+    const std::string path = dir.file("t10k-labels-idx1-ubyte.gz");
+    std::filesystem::remove(path);
+    std::filesystem::create_directory(path);
+    try {
+      (void)data::load_fashion_mnist(dir.str());
+      FAIL("a directory in place of a file was accepted");
+    } catch (const Error& e) {
+      INFO(e.what());
+      CHECK_THAT(std::string(e.what()), Contains("'" + path + "' is a directory"));
+      CHECK_THAT(std::string(e.what()), !Contains("not found"));
+    }
+    CHECK_THROWS_WITH(data::load_labelled_images(dir.file("t10k-images-idx3-ubyte.gz"), path, 10),
+                      Contains(path) && Contains("is a directory"));
+  }
+  SECTION("the directory itself missing, or a file") {
+    CHECK_THROWS_WITH(data::load_fashion_mnist(dir.file("absent")),
+                      Contains(dir.file("absent")) && Contains("not found"));
+    CHECK_THROWS_WITH(data::load_fashion_mnist(dir.file("train-images-idx3-ubyte.gz")),
+                      Contains(dir.file("train-images-idx3-ubyte.gz")) && Contains("not a directory"));
+  }
+  SECTION("training and test images of different sizes: both files and both sizes") {
+    data::write_idx(dir.file("t10k-images-idx3-ubyte.gz"), {20, 5, 3}, std::vector<std::uint8_t>(300, 0),
+                    data::IdxCompression::Gzip);
+    CHECK_THROWS_WITH(data::load_fashion_mnist(dir.str()),
+                      Contains(dir.file("train-images-idx3-ubyte.gz")) && Contains("are 4x3") &&
+                          Contains(dir.file("t10k-images-idx3-ubyte.gz")) && Contains("are 5x3"));
+  }
+  SECTION("images of no pixels") {
+    data::write_idx(dir.file("t10k-images-idx3-ubyte.gz"), {20, 0, 3}, {}, data::IdxCompression::Gzip);
+    CHECK_THROWS_WITH(data::load_fashion_mnist(dir.str()),
+                      Contains(dir.file("t10k-images-idx3-ubyte.gz")) && Contains("[20, 0, 3]"));
+  }
+}

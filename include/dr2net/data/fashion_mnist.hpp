@@ -70,6 +70,9 @@ inline LabelledImages load_labelled_images(const std::string& images_path, const
   for (std::size_t i = 0; i < labels.data.size(); ++i)
     DR2NET_CHECK(labels.data[i] < num_classes, "labels file '", labels_path, "': label ", int{labels.data[i]},
                  " of sample ", i, " is not below the number of classes ", num_classes);
+  DR2NET_CHECK(images.dims[1] > 0 && images.dims[2] > 0, "images file '", images_path, "' has dimensions ",
+               detail::format_dims(images.dims), ": images of ", images.dims[1], "x", images.dims[2],
+               " pixels (height and width must be positive)");
   LabelledImages out;
   out.height = images.dims[1];
   out.width = images.dims[2];
@@ -78,7 +81,8 @@ inline LabelledImages load_labelled_images(const std::string& images_path, const
   return out;
 }
 
-//! The files of kFashionMnistFiles that are not in `dir` (full paths); empty when all are.
+//! The files of kFashionMnistFiles that are not in `dir` as regular files (full paths: absent,
+//! or something else, such as a directory, in a file's place); empty when all are.
 inline std::vector<std::string> missing_fashion_mnist_files(const std::string& dir) {
   std::vector<std::string> missing;
   for (std::string_view name : kFashionMnistFiles) {
@@ -89,20 +93,30 @@ inline std::vector<std::string> missing_fashion_mnist_files(const std::string& d
   return missing;
 }
 
-//! Loads the training and test sets from `dir`. Throws naming the first missing file (and
-//! the Debian package that provides them) or whatever read_idx finds wrong.
+//! Loads the training and test sets from `dir`. Throws naming the directory or the first
+//! missing file (and the Debian package that provides them), a directory where a file should
+//! be ("is a directory"), or whatever read_idx and load_labelled_images find wrong.
 inline FashionMnist load_fashion_mnist(const std::string& dir = std::string(kFashionMnistDefaultDir)) {
-  const auto missing = missing_fashion_mnist_files(dir);
-  DR2NET_CHECK(missing.empty(), "Fashion-MNIST file '", missing.empty() ? "" : missing.front(),
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  DR2NET_CHECK(fs::exists(dir, ec), "Fashion-MNIST directory '", dir,
                "' not found (install the Debian package dataset-fashion-mnist, or give the directory holding ",
                kFashionMnistFiles[0], " and the other files)");
-  const auto file = [&](std::size_t i) { return (std::filesystem::path(dir) / kFashionMnistFiles[i]).string(); };
+  DR2NET_CHECK(fs::is_directory(dir, ec), "Fashion-MNIST directory '", dir, "' is a file, not a directory");
+  const auto file = [&](std::size_t i) { return (fs::path(dir) / kFashionMnistFiles[i]).string(); };
+  for (std::size_t i = 0; i < kFashionMnistFiles.size(); ++i) {
+    const std::string path = file(i);
+    DR2NET_CHECK(fs::exists(path, ec), "Fashion-MNIST file '", path,
+                 "' not found (install the Debian package dataset-fashion-mnist, or give the directory holding ",
+                 kFashionMnistFiles[0], " and the other files)");
+    DR2NET_CHECK(!fs::is_directory(path, ec), "Fashion-MNIST file '", path, "' is a directory, not a file");
+  }
   FashionMnist out;
   out.train = load_labelled_images(file(0), file(1), 10);
   out.test = load_labelled_images(file(2), file(3), 10);
-  DR2NET_CHECK(out.train.height == out.test.height && out.train.width == out.test.width,
-               "Fashion-MNIST in '", dir, "': training images are ", out.train.height, "x", out.train.width,
-               " but test images are ", out.test.height, "x", out.test.width);
+  DR2NET_CHECK(out.train.height == out.test.height && out.train.width == out.test.width, "Fashion-MNIST in '", dir,
+               "': training images ('", file(0), "') are ", out.train.height, "x", out.train.width,
+               " but test images ('", file(2), "') are ", out.test.height, "x", out.test.width);
   return out;
 }
 

@@ -103,7 +103,9 @@ inline std::size_t gz_read_some(gzFile f, std::uint8_t* dst, std::size_t n, cons
     // gzread takes an unsigned count and returns an int: read in chunks well below INT_MAX.
     const auto want = static_cast<unsigned>(std::min<std::size_t>(n - done, std::size_t{1} << 24));
     const int got = gzread(f, dst + done, want);
-    if (got < 0) DR2NET_FAIL("IDX file '", path, "': cannot read ", what, ": ", gz_error_text(f));
+    if (got < 0)
+      DR2NET_FAIL("IDX file '", path, "': cannot read ", what, " (", n, " bytes wanted, ", done, " read): ",
+                  gz_error_text(f));
     if (got == 0) break;
     done += static_cast<std::size_t>(got);
   }
@@ -139,7 +141,9 @@ inline std::string hex_byte(std::uint8_t b) {
 //! naming the file and the problem (see the file comment for the cases).
 inline IdxArray read_idx(const std::string& path, const IdxReadOptions& options = {}) {
   std::error_code ec;
-  DR2NET_CHECK(std::filesystem::exists(path, ec), "IDX file '", path, "' does not exist");
+  const bool exists = std::filesystem::exists(path, ec);
+  DR2NET_CHECK(!ec, "IDX file '", path, "' cannot be examined: ", ec.message());
+  DR2NET_CHECK(exists, "IDX file '", path, "' does not exist");
   DR2NET_CHECK(!std::filesystem::is_directory(path, ec), "IDX file '", path, "' is a directory, not a file");
   detail::GzFile file(path, "rb");
   DR2NET_CHECK(file.get() != nullptr, "IDX file '", path, "' cannot be opened: ", std::strerror(errno));
@@ -158,7 +162,7 @@ inline IdxArray read_idx(const std::string& path, const IdxReadOptions& options 
   DR2NET_CHECK(magic[2] == kIdxUnsignedByte, "IDX file '", path, "' holds elements of type ",
                detail::hex_byte(magic[2]), " (", type_name, "); only unsigned byte (0x08) is supported");
   const int ndims = magic[3];
-  DR2NET_CHECK(ndims > 0, "IDX file '", path, "' declares 0 dimensions");
+  DR2NET_CHECK(ndims > 0, "IDX file '", path, "' declares 0 dimensions (magic byte 3); at least 1 is needed");
 
   std::vector<std::uint8_t> header(static_cast<std::size_t>(ndims) * 4);
   const std::size_t got_dims = detail::gz_read_some(f, header.data(), header.size(), path, "the dimensions");
@@ -235,7 +239,8 @@ inline void write_idx(const std::string& path, const std::vector<std::int64_t>& 
   };
   put(header.data(), header.size());
   put(data.data(), data.size());
-  DR2NET_CHECK(file.close() == Z_OK, "write_idx: cannot finish writing '", path, "'");
+  DR2NET_CHECK(file.close() == Z_OK, "write_idx: cannot finish writing '", path, "' (", header.size() + data.size(),
+               " bytes): ", std::strerror(errno));
 }
 
 }  // namespace dr2net::data
