@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
       for (std::size_t i = 0; i < p.value.size(); ++i) p.value.data()[i] -= lr * p.grad.data()[i];
     if (step % 25 == 0 || step == steps - 1) {
       const auto c = stack.coefficients(step, 0);
-      std::printf("%5d  %.6f  %5.2f  %5.2f\n", step, loss, c.alpha, c.beta);
+      std::printf("%5d  %.3e  %5.2f  %5.2f\n", step, loss, c.alpha, c.beta);  // small losses stay visible
     }
   }
 
