@@ -361,6 +361,23 @@ int main() {
                                         std::to_string(peaks[1]) + " (24 layers)");
   });
 
+  run_case("ViT stack on device: every parameter and gradient byte metered once", [&] {
+    CudaContext fresh;  // a meter of its own
+    const VitLayerConfig small{16, 2, 32, 1e-6, 0.0, 0.0, DropPathRule::Linear};
+    {
+      auto layers = make_cuda_vit_layers<float, ConstantSchedule>(fresh, 2, small, 1);
+      GPU_CHECK(fresh.meter().current_total() == 0, "layers outside a stack metered:\n" + fresh.meter().report());
+      ReversibleStack<DevLayer> dev(fresh, std::move(layers), ConstantSchedule(0.0, 1.0));
+      std::size_t bytes = 0;
+      for (const auto& p : dev.parameters()) bytes += p.value.size() * sizeof(float);
+      const MemoryMeter& m = fresh.meter();
+      GPU_CHECK(m.current(MemoryCategory::Parameters) == bytes && m.current(MemoryCategory::Gradients) == bytes &&
+                    m.current(MemoryCategory::Other) == 0 && m.peak_total() == 2 * bytes,
+                "expected " + std::to_string(bytes) + " bytes of parameters and of gradients, once:\n" + m.report());
+    }
+    GPU_CHECK(fresh.meter().current_total() == 0, "bytes left on the meter:\n" + fresh.meter().report());
+  });
+
   ctx.synchronize();
   return finish();
 }

@@ -207,13 +207,14 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
     L.rows = in.rows();  // B N <= numel, which Shape checked
     // Every size in checked arithmetic: batch x heads x tokens^2 overflows int64 long before
     // the streams do, and a wrapped size would under-allocate the scratch.
-    const std::int64_t M = L.rows, D = config_.dim, H = config_.num_heads, N = L.tokens;
+    const std::int64_t Bt = L.batch, M = L.rows, D = config_.dim, H = config_.num_heads, N = L.tokens;
     checked::RegionLayout r("VitAttention saved internals");
     L.xn = static_cast<std::size_t>(r.take({M, D}, "xn (rows x dim)"));
     L.mean = static_cast<std::size_t>(r.take({M}, "mean (rows)"));
     L.rstd = static_cast<std::size_t>(r.take({M}, "rstd (rows)"));
     L.qkv = static_cast<std::size_t>(r.take({M, 3, D}, "qkv (rows x 3 x dim)"));
-    L.probs = static_cast<std::size_t>(r.take({L.batch, H, N, N}, "attention probabilities (batch x heads x tokens x tokens)"));
+    L.probs = static_cast<std::size_t>(
+        r.take({Bt, H, N, N}, "attention probabilities (batch x heads x tokens x tokens)"));
     L.ctx = static_cast<std::size_t>(r.take({M, D}, "ctx (rows x dim)"));
     L.total = static_cast<std::size_t>(r.total());
     (void)checked::bytes(r.total(), sizeof(T), "VitAttention saved internals (bytes)");

@@ -208,13 +208,13 @@ class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>>, public O
     L.rows = in.rows();  // B N <= numel, which Shape checked
     // Every size in checked arithmetic: batch x heads x tokens^2 overflows int64 long before
     // the streams do, and a wrapped size would under-allocate the scratch.
-    const std::int64_t M = L.rows, D = config_.dim, H = config_.num_heads, N = L.tokens;
+    const std::int64_t Bt = L.batch, M = L.rows, D = config_.dim, H = config_.num_heads, N = L.tokens;
     cuda_detail::SavedLayoutBuilder<T> b("CudaVitAttention saved internals");
     L.mean = b.take_acc(M, "mean (rows)");
     L.rstd = b.take_acc(M, "rstd (rows)");
     L.xn = b.take({M, D}, "xn (rows x dim)");
     L.qkv = b.take({M, 3, D}, "qkv (rows x 3 x dim)");
-    L.probs = b.take({L.batch, H, N, N}, "attention probabilities (batch x heads x tokens x tokens)");
+    L.probs = b.take({Bt, H, N, N}, "attention probabilities (batch x heads x tokens x tokens)");
     L.ctx = b.take({M, D}, "ctx (rows x dim)");
     L.total = b.total();
     (void)checked::bytes(b.regions.total(), sizeof(T), "CudaVitAttention saved internals (bytes)");
