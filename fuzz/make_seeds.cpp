@@ -1,6 +1,7 @@
-// Writes a few small, valid safetensors files into the directory given as the
-// only argument: the fuzzer's seed corpus. Generated at build time so the seeds
-// always match the current writer and no binary files live in the source tree.
+// Writes a few valid safetensors files (small ones and one with a large header)
+// into the directory given as the only argument: the fuzzer's seed corpus.
+// Generated at build time so the seeds always match the current writer and no
+// binary files live in the source tree.
 
 #include <cstdio>
 #include <string>
@@ -37,6 +38,18 @@ int main(int argc, char** argv) {
       w.write_file(dir + "/single.safetensors");
     }
     dr2net::io::SafetensorsWriter{}.write_file(dir + "/empty.safetensors");
+    {
+      // A large header (about 200 KB, 3000 entries) so that mutations reach the code paths
+      // of big headers: many objects for the duplicate-key check, long sorted maps.
+      dr2net::io::SafetensorsWriter w;
+      w.set_metadata("format", "pt");
+      const float one = 1.0f;
+      for (int i = 0; i < 3000; ++i) {
+        w.add("blocks." + std::to_string(i / 12) + ".t" + std::to_string(i % 12) + ".weight",
+              i % 2 == 0 ? DType::F32 : DType::BF16, {1}, &one);
+      }
+      w.write_file(dir + "/large_header.safetensors");
+    }
   } catch (const dr2net::Error& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 1;
