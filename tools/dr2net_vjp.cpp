@@ -18,7 +18,8 @@
 // The stack keeps the library's default reconstruction guard: a floating-point reversible or
 // error-bounded backward whose measured reconstruction error exceeds 1e-4 is an error.
 // Any bad input or argument, a guard trip, or a non-finite value: exit status 1 (2 for
-// usage), one line on stderr, and no output file.
+// usage: an unknown, repeated or malformed flag, or an --out that is the same file as
+// --weights or --input), one line on stderr, and no output file.
 
 #include <cmath>
 #include <cstdio>
