@@ -1033,4 +1033,9 @@ TEST_CASE("safetensors: read errors name the file", "[safetensors]") {
   // Copies share the open file and read the same values.
   const SafetensorsReader copy = reader;
   CHECK(copy.read<float>("t") == std::vector<float>{1.0f, 2.0f});
+  // A FIFO is refused without being opened (opening it would wait for a writer).
+  const auto fifo = (dir.path / "pipe.safetensors").string();
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  CHECK_THAT(error_of([&] { (void)SafetensorsReader::from_file(fifo); }),
+             Contains(fifo) && Contains("not a regular file"));
 }

@@ -323,6 +323,10 @@ class ByteSource {
 
   //! Opens `path` for reading; errors name the path and the OS reason.
   explicit ByteSource(const std::string& path) : path_(path), where_("safetensors file '" + path + "'") {
+    // Refuse a FIFO or device before opening it: opening a FIFO would block.
+    struct stat before {};
+    if (::stat(path.c_str(), &before) != 0) fail_os("cannot open safetensors file '" + path + "'", errno);
+    DR2NET_CHECK(S_ISREG(before.st_mode), "cannot open safetensors file '", path, "': not a regular file");
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) fail_os("cannot open safetensors file '" + path + "'", errno);
     struct stat st {};
