@@ -915,6 +915,19 @@ TEST_CASE("safetensors: the header is checked against the file size before anyth
     CHECK_THAT(child.text, Contains("error: ") && Contains(path) && Contains(std::to_string(claimed)) &&
                                Contains(std::to_string(4 * kGiB)));
   }
+  SECTION("a header length within the file but beyond the header limit") {
+    const auto path = (dir.path / "huge_header.safetensors").string();
+    const std::uint64_t claimed = 2 * dr2net::io::detail::kMaxHeaderSize;
+    write_sparse(path, "{", {}, claimed, kGiB);
+    const ChildResult child = run_in_child([&]() -> std::string {
+      limit_address_space(kGiB / 8);
+      (void)SafetensorsReader::from_file(path);
+      return "no error";
+    });
+    REQUIRE(WIFEXITED(child.status));
+    CHECK_THAT(child.text, Contains("error: ") && Contains(path) && Contains(std::to_string(claimed)) &&
+                               Contains("exceeds the limit"));
+  }
   SECTION("a small header length beyond a small file") {
     const auto path = (dir.path / "short.safetensors").string();
     write_sparse(path, "{}", {}, 1000, 10);
