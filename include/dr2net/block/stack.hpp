@@ -178,10 +178,19 @@ class ReversibleStack {
     live("ReversibleStack::schedule()");
     return schedule_;
   }
-  const StackOptions& options() const noexcept { return options_; }
-  context_type& context() noexcept { return *ctx_; }
+  const StackOptions& options() const {
+    live("ReversibleStack::options()");
+    return options_;
+  }
+  context_type& context() {
+    live("ReversibleStack::context()");
+    return *ctx_;
+  }
 
-  BackpropMode mode() const noexcept { return options_.mode; }
+  BackpropMode mode() const {
+    live("ReversibleStack::mode()");
+    return options_.mode;
+  }
   //! Switching mode discards a pending forward.
   void set_mode(BackpropMode m) {
     live("ReversibleStack::set_mode()");

@@ -188,8 +188,8 @@ class Parameter {
  private:
   //! The value array, after refusing a moved-from parameter; `call` names the member.
   const detail::ParameterArray<T>& live(const char* call) const {
-    if (moved_.moved_from()) {
-      const std::string what = "Parameter '" + name_ + "' " + call;
+    if (moved_.moved_from()) {  // (its name went with the move)
+      const std::string what = std::string("Parameter::") + call;
       moved_.check(what.c_str());
     }
     return value_;

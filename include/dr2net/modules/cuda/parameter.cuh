@@ -84,8 +84,8 @@ class DeviceParameter {
     return ctx.allocate_unmetered<T>(checked::to_size(shape.numel(), what.c_str()), c, what.c_str());
   }
   const DeviceBuffer<T>& live(const char* call) const {
-    if (moved_.moved_from()) {
-      const std::string what = "DeviceParameter '" + name_ + "' " + call;
+    if (moved_.moved_from()) {  // (its name went with the move)
+      const std::string what = std::string("DeviceParameter::") + call;
       moved_.check(what.c_str());
     }
     return value_;
