@@ -5,6 +5,9 @@
 #include <limits>
 #include <vector>
 
+#include "dr2net/backend/host/layer_norm.hpp"
+#include "dr2net/backend/host/softmax.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/dr2net.hpp"
 #include "support/test_functors.hpp"
 
@@ -178,4 +181,30 @@ TEST_CASE("errors carry the source location and the detail", "[core]") {
     CHECK(e.detail() == "module 3 broke");
     CHECK(std::string(e.what()).find("test_core.cpp") != std::string::npos);
   }
+}
+
+TEST_CASE("host softmax and layer norm refuse rows without elements", "[core][hardening]") {
+  std::vector<float> buf(8, 1.0f);
+  CHECK_THROWS_WITH(dr2net::softmax_rows_inplace(buf.data(), 2, 0, 0), Catch::Contains("at least one element"));
+  CHECK_NOTHROW(dr2net::softmax_rows_inplace(buf.data(), 0, 0, 0));
+  float mean = 0, rstd = 0;
+  CHECK_THROWS_WITH(dr2net::layer_norm_forward(buf.data(), 1, 0, buf.data(), buf.data(), 1e-5f, buf.data(), &mean,
+                                               &rstd),
+                    Catch::Contains("width must be at least 1"));
+}
+
+TEST_CASE("checked size arithmetic names the quantity and never wraps", "[core][hardening]") {
+  namespace ck = dr2net::checked;
+  CHECK(ck::mul(3, 4, "x") == 12);
+  CHECK(ck::product({2, 3, 5}, "x") == 30);
+  CHECK(ck::product({}, "x") == 1);
+  CHECK(ck::bytes(10, 4, "x") == 40u);
+  CHECK_THROWS_WITH(ck::mul(std::int64_t{1} << 32, std::int64_t{1} << 31, "attention scores"),
+                    Catch::Contains("attention scores") && Catch::Contains("overflows"));
+  CHECK_THROWS_WITH(ck::product({64, 12, 1 << 20, 1 << 20, 1 << 20}, "scores"), Catch::Contains("64 x 12"));
+  CHECK_THROWS_WITH(ck::add(INT64_MAX, 1, "offset"), Catch::Contains("offset"));
+  CHECK_THROWS_WITH(ck::mul(-1, 2, "rows"), Catch::Contains("negative"));
+  CHECK_THROWS_WITH(ck::bytes(INT64_MAX, 8, "buffer"), Catch::Contains("overflow"));
+  CHECK_THROWS_WITH(ck::to_size(-3, "count"), Catch::Contains("negative"));
+  CHECK_THROWS_WITH(ck::to_int64(SIZE_MAX, "count"), Catch::Contains("exceeds"));
 }

@@ -10,6 +10,7 @@
 
 #include "dr2net/backend/cuda/context.hpp"
 #include "dr2net/backend/cuda/error.hpp"
+#include "dr2net/core/checked.hpp"
 #include "dr2net/core/memory_meter.hpp"
 
 namespace dr2net {
@@ -22,7 +23,7 @@ namespace dr2net {
 template <class T>
 void copy_to_device(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
   if (n == 0) return;
-  DR2NET_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, ctx.stream()));
+  DR2NET_CUDA_CHECK(cudaMemcpyAsync(dst, src, checked::bytes(checked::to_int64(n, "copy"), sizeof(T), "HostToDevice copy"), cudaMemcpyHostToDevice, ctx.stream()));
   ctx.synchronize();  // the source may be pageable memory the caller frees next
 }
 
@@ -32,7 +33,7 @@ void copy_to_device(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
 template <class T>
 void copy_to_host(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
   if (n == 0) return;
-  DR2NET_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, ctx.stream()));
+  DR2NET_CUDA_CHECK(cudaMemcpyAsync(dst, src, checked::bytes(checked::to_int64(n, "copy"), sizeof(T), "DeviceToHost copy"), cudaMemcpyDeviceToHost, ctx.stream()));
   ctx.synchronize();
 }
 
@@ -42,7 +43,7 @@ void copy_to_host(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
 template <class T>
 void copy_on_device(CudaContext& ctx, T* dst, const T* src, std::size_t n) {
   if (n == 0) return;
-  DR2NET_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice, ctx.stream()));
+  DR2NET_CUDA_CHECK(cudaMemcpyAsync(dst, src, checked::bytes(checked::to_int64(n, "copy"), sizeof(T), "DeviceToDevice copy"), cudaMemcpyDeviceToDevice, ctx.stream()));
 }
 
 //! A new device buffer of host.size() elements holding a copy of `host`, allocated from ctx's

@@ -120,7 +120,7 @@ class HostContext {
     meter_.add(category, bytes);
     if constexpr (std::is_floating_point_v<T>) {
       if (options_.poison_allocations)
-        for (std::size_t i = 0; i < count; ++i) b.data_[i] = std::numeric_limits<T>::quiet_NaN();
+        for (std::size_t i = 0; i < bytes / sizeof(T); ++i) b.data_[i] = std::numeric_limits<T>::quiet_NaN();
     }
     return b;
   }

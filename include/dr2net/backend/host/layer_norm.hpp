@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "dr2net/backend/host/math.hpp"
+#include "dr2net/core/error.hpp"
 #include "dr2net/core/config.hpp"
 
 namespace dr2net {
@@ -28,12 +29,13 @@ DR2NET_HD_INLINE T layer_norm_input_grad(T dxhat, T xhat, T rstd, T mean_dxhat, 
 //! Normalises `rows` rows of width d; writes y and each row's mean and rstd.
 //! x and y are [rows, d] row-major and contiguous, gamma and beta [d],
 //! mean and rstd [rows] (kept for layer_norm_backward). The variance is computed in two
-//! passes (of deviations from the mean), so large offsets do not cancel. Requires d >= 1 and
-//! eps > 0 (a constant row then gets rstd = 1/sqrt(eps)); sizes and pointers are not checked
-//! here, so callers validate their tensors first.
+//! passes (of deviations from the mean), so large offsets do not cancel. Requires eps > 0 (a
+//! constant row then gets rstd = 1/sqrt(eps)); throws dr2net::Error when d < 1 with rows > 0.
+//! Pointers and buffer sizes are not checked here, so callers validate their tensors first.
 template <class T>
 void layer_norm_forward(const T* x, std::int64_t rows, std::int64_t d, const T* gamma, const T* beta, T eps, T* y,
                         T* mean, T* rstd) {
+  DR2NET_CHECK(rows <= 0 || d >= 1, "layer norm over rows of width ", d, ": the width must be at least 1");
   const T inv_d = T(1) / static_cast<T>(d);
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * d;
@@ -59,6 +61,7 @@ void layer_norm_forward(const T* x, std::int64_t rows, std::int64_t d, const T* 
 template <class T>
 void layer_norm_backward(const T* x, const T* mean, const T* rstd, const T* gamma, const T* dy, std::int64_t rows,
                          std::int64_t d, T* dx, T* dgamma, T* dbeta) {
+  DR2NET_CHECK(rows <= 0 || d >= 1, "layer norm over rows of width ", d, ": the width must be at least 1");
   const T inv_d = T(1) / static_cast<T>(d);
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * d;

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "dr2net/backend/host/math.hpp"
+#include "dr2net/core/error.hpp"
 
 namespace dr2net {
 
@@ -13,10 +14,12 @@ namespace dr2net {
 //!   p_j = exp(s_j - max_k s_k) / sum_k exp(s_k - max_k s_k)
 //! Subtracting the row maximum keeps exp() from overflowing; the result is unchanged.
 //! Row r starts at s + r * ld (ld >= cols); elements between cols and ld are left alone.
-//! Requires cols >= 1 (not checked). A row holding NaN or +inf yields NaN probabilities.
+//! Throws dr2net::Error when cols < 1 with rows > 0 (a row without elements has no softmax). A row holding NaN or +inf yields NaN probabilities.
 //! The CUDA twin (modules/cuda/softmax.cuh) takes a CudaContext first.
 template <class T>
 void softmax_rows_inplace(T* s, std::int64_t rows, std::int64_t cols, std::int64_t ld) {
+  DR2NET_CHECK(rows <= 0 || (cols >= 1 && ld >= cols), "softmax over rows of ", cols, " elements (leading dimension ",
+               ld, "): rows need at least one element and ld >= cols");
   for (std::int64_t r = 0; r < rows; ++r) {
     T* row = s + r * ld;
     const T mx = *std::max_element(row, row + cols);
