@@ -14,19 +14,32 @@
 
 namespace dr2net {
 
+//! A host fully connected layer y = x W^T + b in PyTorch's layout: weight [out, in] row-major,
+//! bias [out], activations row-major [rows, features]. Owns both parameters and their
+//! gradients (zero-initialised at construction); backward accumulates into the gradients.
+//! Not thread-safe: concurrent backward calls on one layer race on the gradients.
+//! \tparam T element type of parameters and activations (float or double).
 template <class T>
 class Linear {
  public:
   //! `name` is the layer's path ("attn.qkv"); its tensors are "<name>.weight", "<name>.bias".
+  //! Throws dr2net::Error naming the layer when `in_features` or `out_features` is not
+  //! positive, or when the parameter storage cannot be allocated.
   Linear(const std::string& name, std::int64_t in_features, std::int64_t out_features)
       : in_(in_features), out_(out_features), weight_(name + ".weight", weight_shape(name, in_features, out_features)),
         bias_(name + ".bias", Shape{out_features}) {}
 
+  //! Input width: the elements per row of x (the columns of the weight).
   std::int64_t in_features() const noexcept { return in_; }
+  //! Output width: the elements per row of y (the rows of the weight, the bias length).
   std::int64_t out_features() const noexcept { return out_; }
+  //! The weight "<name>.weight", shape [out_features, in_features], with its gradient.
   Parameter<T>& weight() noexcept { return weight_; }
+  //! The bias "<name>.bias", shape [out_features], with its gradient.
   Parameter<T>& bias() noexcept { return bias_; }
+  //! Read-only access to the weight [out_features, in_features].
   const Parameter<T>& weight() const noexcept { return weight_; }
+  //! Read-only access to the bias [out_features].
   const Parameter<T>& bias() const noexcept { return bias_; }
 
   //! timm's ViT initialisation: weight ~ trunc_normal(std 0.02), bias 0.

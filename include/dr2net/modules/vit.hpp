@@ -42,7 +42,7 @@ struct VitLayerConfig {
   double eps = 1e-6;           //!< both LayerNorms' epsilon
   double drop_path = 0.0;      //!< stochastic-depth rate, spread by drop_path_rule
   double proj_drop = 0.0;      //!< dropout rate of attention's output and of the MLP (timm's proj_drop_rate)
-  DropPathRule drop_path_rule = DropPathRule::Linear;
+  DropPathRule drop_path_rule = DropPathRule::Linear;  //!< how drop_path is spread over the layers (see vit_drop_path_rate)
 };
 
 //! The drop-path rate of layer `layer` of `num_layers` under `config`.

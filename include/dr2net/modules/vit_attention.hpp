@@ -45,12 +45,18 @@ struct VitAttentionConfig {
   double proj_drop = 0.0;      //!< dropout rate on the output (timm's proj_drop), in [0, 1)
 };
 
+//! The host attention residual function of a pre-norm timm ViT block (see the file comment
+//! for the math and the saved layout), a ResidualFunction with the optional adds-into members.
+//! Inputs are contiguous [B, N, D] (batch, tokens, width D = config().dim); parameters load by
+//! timm name ("norm1.weight", "attn.qkv.weight", ...). Every member that takes a view checks
+//! its shape and throws dr2net::Error naming the member, the view and the sizes.
+//! \tparam T compute type (float or double).
 template <class T>
 class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAddsInto<VitAttention<T>> {
  public:
   //! Names this function in error messages.
   static constexpr std::string_view type_name = "VitAttention";
-  using value_type = T;
+  using value_type = T;  //!< Compute type of parameters, activations and saved internals.
   //! Keep timm's names verbatim inside a block.
   static constexpr std::string_view parameter_prefix = "";
 
@@ -63,26 +69,45 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
     proj_.init(seed, 1);
   }
 
+  //! The validated configuration this function was built with.
   const VitAttentionConfig& config() const noexcept { return config_; }
+  //! Width of one head, D / H; the attention logits are scaled by head_dim()^-0.5.
   std::int64_t head_dim() const noexcept { return config_.dim / config_.num_heads; }
+  //! The pre-norm LayerNorm "norm1" over width D.
   LayerNorm<T>& norm1() noexcept { return norm1_; }
+  //! The input projection "attn.qkv", D -> 3D; each output row is laid out (3, heads, head_dim).
   Linear<T>& qkv() noexcept { return qkv_; }
+  //! The output projection "attn.proj", D -> D, applied to the concatenated heads.
   Linear<T>& proj() noexcept { return proj_; }
+  //! Read-only norm1(): the LayerNorm "norm1".
   const LayerNorm<T>& norm1() const noexcept { return norm1_; }
+  //! Read-only qkv(): the Linear "attn.qkv", D -> 3D.
   const Linear<T>& qkv() const noexcept { return qkv_; }
+  //! Read-only proj(): the Linear "attn.proj", D -> D.
   const Linear<T>& proj() const noexcept { return proj_; }
 
   //! Elements of saved internals for an input [B, N, D] (see the file comment).
+  //! Throws dr2net::Error when `in` is not rank 3, its width is not D, a dimension is empty,
+  //! or the size overflows (the error names the region: the B H N^2 probabilities, say).
   std::size_t saved_elements(const Shape& in) const { return layout(in).total; }
 
+  //! out[B, N, D] = F(in); `scratch` (at least saved_elements(in) elements) holds the
+  //! internals afterwards, as recompute leaves them. Dropout and drop-path apply only when
+  //! call.training, with masks drawn from (call.seed, call.step, call.module).
   void forward(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> scratch) {
     recompute(call, in, out, scratch);  // the saved internals are the forward's own temporaries
   }
 
+  //! out = F(in), bit-identical to forward() for the same call, and `saved` (at least
+  //! saved_elements(in) elements) holds the internals backward() reads.
   void recompute(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
     compute(call, in, out, saved, nullptr, 0.0);
   }
 
+  //! grad_in += J_F(in)^T grad_out and every parameter gradient += its share (nothing is
+  //! overwritten). `saved` must be what recompute() left for this `in` and call (the same
+  //! masks are replayed). Temporaries (dqkv, one N x N dP) come from call.context, metered
+  //! as Scratch, and are freed before it returns.
   void backward(const ModuleCall<HostContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
                 TensorView<T> grad_in) {
     const Layout L = layout(in.shape());

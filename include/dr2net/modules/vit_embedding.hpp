@@ -43,6 +43,11 @@ struct VitEmbeddingConfig {
   std::int64_t dim = 0;         //!< D, the token width
 };
 
+//! The host patch embedding of a ViT: images [B, C, H, W] -> tokens [B, 1 + num_patches, D]
+//! (the formula and tensor names are in the file comment). Outside the reversible stack, it
+//! keeps its own saved activations between one forward() and one backward(). Holds a pointer
+//! to the HostContext it was built with, which must outlive it. Not thread-safe.
+//! \tparam T compute type (float or double).
 template <class T>
 class VitEmbedding {
  public:
@@ -72,10 +77,13 @@ class VitEmbedding {
     bias_.fill(T(0));
   }
 
+  //! The validated image and embedding sizes.
   const VitEmbeddingConfig& config() const noexcept { return config_; }
+  //! Patches per image, (H / P) * (W / P), in row-major order over the patch grid.
   std::int64_t num_patches() const noexcept { return num_patches(config_); }
   //! Tokens per image: the class token and one per patch.
   std::int64_t num_tokens() const noexcept { return 1 + num_patches(); }
+  //! D, the width of every token (the stream width of the stack that follows).
   std::int64_t dim() const noexcept { return config_.dim; }
   //! C * P * P, the length of a flattened patch.
   std::int64_t patch_elements() const noexcept { return config_.channels * config_.patch * config_.patch; }

@@ -37,6 +37,11 @@ struct VitHeadConfig {
   double eps = 1e-6;             //!< the final LayerNorm's epsilon (timm's ViT: 1e-6)
 };
 
+//! The host classifier end of a ViT (final LayerNorm on the class token, then a Linear to K
+//! logits), outside the reversible stack: it keeps its own saved activations between one
+//! forward() and one backward(). Holds a pointer to the HostContext it was built with, which
+//! must outlive it. Not thread-safe.
+//! \tparam T compute type (float or double).
 template <class T>
 class VitHead {
  public:
@@ -50,9 +55,13 @@ class VitHead {
     meter_parameters();
   }
 
+  //! The validated configuration; num_classes follows reset_classifier().
   const VitHeadConfig& config() const noexcept { return config_; }
+  //! K, the number of logits per image (the width of forward()'s output).
   std::int64_t num_classes() const noexcept { return config_.num_classes; }
+  //! The final LayerNorm "norm" over width D, applied to the class token.
   LayerNorm<T>& norm() noexcept { return norm_; }
+  //! The classifier Linear "head", D -> K. Replaced (not resized) by reset_classifier().
   Linear<T>& head() noexcept { return head_; }
 
   //! Replaces the classifier with a freshly initialised one of `num_classes` outputs and

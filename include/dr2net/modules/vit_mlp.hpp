@@ -41,12 +41,18 @@ struct VitMlpConfig {
   double drop = 0.0;        //!< dropout rate after gelu and after fc2 (timm's Mlp drop), in [0, 1)
 };
 
+//! The host MLP residual function of a pre-norm timm ViT block (see the file comment for the
+//! math and the saved layout), a ResidualFunction with the optional adds-into members.
+//! Inputs are contiguous [B, N, D] (batch, tokens, width D = config().dim); parameters load by
+//! timm name ("norm2.weight", "mlp.fc1.weight", ...). Every member that takes a view checks
+//! its shape and throws dr2net::Error naming the member, the view and the sizes.
+//! \tparam T compute type (float or double).
 template <class T>
 class VitMlp : public NamedParameterSet<VitMlp<T>>, public OutputAddsInto<VitMlp<T>> {
  public:
   //! Names this function in error messages.
   static constexpr std::string_view type_name = "VitMlp";
-  using value_type = T;
+  using value_type = T;  //!< Compute type of parameters, activations and saved internals.
   //! Keep timm's names verbatim inside a block.
   static constexpr std::string_view parameter_prefix = "";
 
@@ -59,25 +65,43 @@ class VitMlp : public NamedParameterSet<VitMlp<T>>, public OutputAddsInto<VitMlp
     fc2_.init(seed, 3);
   }
 
+  //! The validated configuration this function was built with.
   const VitMlpConfig& config() const noexcept { return config_; }
+  //! The pre-norm LayerNorm "norm2" over width D.
   LayerNorm<T>& norm2() noexcept { return norm2_; }
+  //! The expanding layer "mlp.fc1", D -> hidden, followed by GELU.
   Linear<T>& fc1() noexcept { return fc1_; }
+  //! The contracting layer "mlp.fc2", hidden -> D.
   Linear<T>& fc2() noexcept { return fc2_; }
+  //! Read-only norm2(): the LayerNorm "norm2".
   const LayerNorm<T>& norm2() const noexcept { return norm2_; }
+  //! Read-only fc1(): the Linear "mlp.fc1", D -> hidden.
   const Linear<T>& fc1() const noexcept { return fc1_; }
+  //! Read-only fc2(): the Linear "mlp.fc2", hidden -> D.
   const Linear<T>& fc2() const noexcept { return fc2_; }
 
   //! Elements of saved internals for an input [B, N, D] (see the file comment).
+  //! Throws dr2net::Error when `in` is not rank 3, its width is not D, a dimension is empty,
+  //! or the size overflows (the error names the region).
   std::size_t saved_elements(const Shape& in) const { return layout(in).total; }
 
+  //! out[B, N, D] = G(in); `scratch` (at least saved_elements(in) elements) holds the
+  //! internals afterwards, as recompute leaves them. Dropout and drop-path apply only when
+  //! call.training, with masks drawn from (call.seed, call.step, call.module).
   void forward(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> scratch) {
     recompute(call, in, out, scratch);  // the saved internals are the forward's own temporaries
   }
 
+  //! out = G(in), bit-identical to forward() for the same call, and `saved` (at least
+  //! saved_elements(in) elements) holds the internals backward() reads.
   void recompute(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
     compute(call, in, out, saved, nullptr, 0.0);
   }
 
+  //! grad_in += J_G(in)^T grad_out and every parameter gradient += its share (nothing is
+  //! overwritten). `saved` must be what recompute() left for this `in` and call (the same
+  //! masks are replayed). Temporaries ([M, hidden] dz, [M, D] dxn) come from call.context,
+  //! metered as Scratch, and are freed before it returns.
   void backward(const ModuleCall<HostContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
                 TensorView<T> grad_in) {
     const Layout L = layout(in.shape());

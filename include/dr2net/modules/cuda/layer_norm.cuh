@@ -140,10 +140,18 @@ void layer_norm_backward(CudaContext& ctx, const T* x, const cuda_detail::acc_t<
 }
 
 //! The device twin of LayerNorm<T>: weight [D], bias [D] in device memory, same names.
+//! Activations are row-major [rows, D] at device pointers; every call only enqueues kernels on
+//! the context's stream and returns without waiting. Not thread-safe.
+//! \tparam T compute type: double, float, __nv_bfloat16 or __half.
 template <class T>
 class CudaLayerNorm {
  public:
+  //! Type of the per-row statistics mean and rstd: float for float/bf16/fp16, double for double.
   using A = cuda_detail::acc_t<T>;
+  //! Tensors "<name>.weight" and "<name>.bias" of `dim` elements, normalising rows of width
+  //! `dim` with variance offset `eps`. Unlike the host LayerNorm both start ZERO (weight too):
+  //! load them or copy_from() a host LayerNorm before use. Throws dr2net::Error naming the
+  //! tensor when its device memory cannot be allocated.
   CudaLayerNorm(CudaContext& ctx, const std::string& name, std::int64_t dim, double eps)
       : dim_(dim), eps_(eps), weight_(ctx, name + ".weight", Shape{dim}), bias_(ctx, name + ".bias", Shape{dim}) {}
 
@@ -154,10 +162,16 @@ class CudaLayerNorm {
     bias_.load(host.bias().data(), host.bias().shape(), owner);
   }
 
+  //! Width D of the normalised rows (the length of weight and bias).
   std::int64_t dim() const noexcept { return dim_; }
+  //! The scale gamma "<name>.weight" [D] and its gradient, in device memory.
   DeviceParameter<T>& weight() noexcept { return weight_; }
+  //! The shift beta "<name>.bias" [D] and its gradient, in device memory.
   DeviceParameter<T>& bias() noexcept { return bias_; }
 
+  //! y[rows, D] = (x - mean) * rstd * weight + bias per row of x[rows, D]; also writes
+  //! mean[rows] and rstd[rows] = 1 / sqrt(var + eps) (both required, kept for backward).
+  //! All pointers are device memory.
   void forward(CudaContext& ctx, const T* x, std::int64_t rows, T* y, A* mean, A* rstd) const {
     layer_norm_forward<T>(ctx, x, rows, dim_, weight_.data(), bias_.data(), static_cast<A>(eps_), y, mean, rstd);
   }
@@ -167,6 +181,7 @@ class CudaLayerNorm {
                            bias_.grad_data());
   }
 
+  //! fn(DeviceParameter<T>&) for weight, then bias.
   template <class Fn>
   void for_each_parameter_object(Fn&& fn) {
     fn(weight_);

@@ -23,12 +23,22 @@
 
 namespace dr2net {
 
+//! The device fully connected layer, y = x W^T + b in PyTorch's layout: weight [out, in] and
+//! bias [out] in device memory (DeviceParameter, with same-shaped gradients), activations
+//! row-major [rows, features] at device pointers. Every call only enqueues work on the
+//! context's stream (no host synchronisation): results and gradients are ready when that
+//! stream is, and a caller on another stream must order itself after it. Not thread-safe.
+//! \tparam T compute type: double, float, __nv_bfloat16 or __half.
 template <class T>
 class CudaLinear {
  public:
+  //! Accumulation and scalar type: float for float/bf16/fp16, double for double (`scale`,
+  //! `dx_beta` and the GEMMs' alpha/beta are of this type).
   using A = cuda_detail::acc_t<T>;
   //! `name` is the layer's path ("attn.qkv"); its tensors are "<name>.weight", "<name>.bias",
   //! both zero until loaded. allow_tf32: float GEMMs may use TF32 tensor cores.
+  //! Throws dr2net::Error naming the layer when a size is not positive, or naming the tensor
+  //! when its device memory cannot be allocated.
   CudaLinear(CudaContext& ctx, const std::string& name, std::int64_t in_features, std::int64_t out_features,
              bool allow_tf32 = false)
       : in_(in_features), out_(out_features), tf32_(allow_tf32),
@@ -44,9 +54,13 @@ class CudaLinear {
     bias_.load(host.bias().data(), host.bias().shape(), owner);
   }
 
+  //! Input width: the elements per row of x (the columns of the weight).
   std::int64_t in_features() const noexcept { return in_; }
+  //! Output width: the elements per row of y (the rows of the weight, the bias length).
   std::int64_t out_features() const noexcept { return out_; }
+  //! The weight "<name>.weight" [out_features, in_features] and its gradient, in device memory.
   DeviceParameter<T>& weight() noexcept { return weight_; }
+  //! The bias "<name>.bias" [out_features] and its gradient, in device memory.
   DeviceParameter<T>& bias() noexcept { return bias_; }
 
   //! y[rows, out] = x[rows, in] W^T + b (device pointers).
@@ -72,6 +86,7 @@ class CudaLinear {
                      dx, in_, nullptr, tf32_);
   }
 
+  //! fn(DeviceParameter<T>&) for weight, then bias (the order checkpoints and optimizers see).
   template <class Fn>
   void for_each_parameter_object(Fn&& fn) {
     fn(weight_);

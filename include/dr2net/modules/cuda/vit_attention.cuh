@@ -49,23 +49,36 @@ struct CudaFunctionOptions {
   bool allow_tf32 = false;  //!< float GEMMs may use TF32 tensor cores (a policy's allow_tf32)
 };
 
+//! The device attention residual function of a pre-norm timm ViT block: a ResidualFunction
+//! on CudaContext (with the optional adds-into members) that matches VitAttention<T> within
+//! rounding. Views handed to it (input, output, saved, gradients) are contiguous device
+//! memory, [B, N, D] for the streams. Shapes are checked on the host before anything is
+//! enqueued (dr2net::Error naming the member, the view and the sizes); the work itself is only
+//! enqueued on call.context's stream, with no host synchronisation, and temporaries come from
+//! the context's stream-ordered pool (metered as Scratch). Not thread-safe.
+//! \tparam T compute type: double, float, __nv_bfloat16 or __half.
 template <class T>
 class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>>, public OutputAddsInto<CudaVitAttention<T>> {
  public:
   //! Names this function in error messages.
   static constexpr std::string_view type_name = "CudaVitAttention";
-  using value_type = T;
-  using context_type = CudaContext;
+  using value_type = T;               //!< Compute type of parameters, activations and saved tensors.
+  using context_type = CudaContext;   //!< Runs on the CUDA backend: members take ModuleCall<CudaContext>.
+  //! Accumulation type (float for float/bf16/fp16, double for double): GEMM scalars and the
+  //! saved LayerNorm statistics.
   using A = cuda_detail::acc_t<T>;
+  //! Empty: timm's names are kept verbatim inside a block ("blocks.{i}.norm1.weight").
   static constexpr std::string_view parameter_prefix = "";
 
   //! Weights initialised exactly as VitAttention<float>(config, seed) initialises them
-  //! (built on the host, then copied and converted to T).
+  //! (built on the host, then copied and converted to T). Throws dr2net::Error for a
+  //! configuration VitAttention refuses.
   CudaVitAttention(CudaContext& ctx, const VitAttentionConfig& config, std::uint64_t seed = 0,
                    CudaFunctionOptions options = {})
       : CudaVitAttention(ctx, VitAttention<float>(config, seed), options) {}
 
-  //! A copy of a host function: its configuration and parameters, converted to T.
+  //! A copy of a host function: its configuration and parameters, converted to T. Waits for
+  //! the copies. Throws dr2net::Error naming the tensor when device memory runs out.
   template <class U>
   CudaVitAttention(CudaContext& ctx, const VitAttention<U>& host, CudaFunctionOptions options = {})
       : config_(host.config()), norm1_(ctx, "norm1", config_.dim, config_.eps),
@@ -77,22 +90,39 @@ class CudaVitAttention : public NamedParameterSet<CudaVitAttention<T>>, public O
     proj_.copy_from(host.proj(), "CudaVitAttention");
   }
 
+  //! The configuration, taken from the host function (validated there).
   const VitAttentionConfig& config() const noexcept { return config_; }
+  //! Width of one head, D / H; the attention logits are scaled by head_dim()^-0.5.
   std::int64_t head_dim() const noexcept { return config_.dim / config_.num_heads; }
+  //! The pre-norm LayerNorm "norm1" over width D, in device memory.
   CudaLayerNorm<T>& norm1() noexcept { return norm1_; }
+  //! The input projection "attn.qkv", D -> 3D; each output row is laid out (3, heads, head_dim).
   CudaLinear<T>& qkv() noexcept { return qkv_; }
+  //! The output projection "attn.proj", D -> D, applied to the concatenated heads.
   CudaLinear<T>& proj() noexcept { return proj_; }
 
+  //! Elements of T of saved internals for an input [B, N, D], with the statistics in the
+  //! accumulation type and every region 256-byte aligned (see the file comment). Throws
+  //! dr2net::Error when `in` is not rank 3, its width is not D, a dimension is empty, or the
+  //! size overflows (the error names the region).
   std::size_t saved_elements(const Shape& in) const { return layout(in).total; }
 
+  //! out[B, N, D] = F(in); `scratch` (at least saved_elements(in) elements) holds the
+  //! internals afterwards, as recompute leaves them. Dropout and drop-path apply only when
+  //! call.training, with the host twin's masks.
   void forward(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> scratch) {
     recompute(call, in, out, scratch);  // the saved internals are the forward's own temporaries
   }
 
+  //! out = F(in), bit-identical to forward() for the same call, and `saved` (at least
+  //! saved_elements(in) elements) holds the internals backward() reads.
   void recompute(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
     compute(call, in, out, saved, nullptr, 0.0);
   }
 
+  //! grad_in += J_F(in)^T grad_out and every parameter gradient += its share (nothing is
+  //! overwritten). `saved` must be what recompute() left for this `in` and call. Temporaries
+  //! (dqkv [M, 3D], dP [H, N, N]) are freed stream-ordered before it returns.
   void backward(const ModuleCall<CudaContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
                 TensorView<T> grad_in) {
     const Layout L = layout(in.shape());

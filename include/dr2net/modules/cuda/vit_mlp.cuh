@@ -38,21 +38,34 @@
 
 namespace dr2net {
 
+//! The device MLP residual function of a pre-norm timm ViT block: a ResidualFunction on
+//! CudaContext (with the optional adds-into members) that matches VitMlp<T> within rounding.
+//! Views handed to it (input, output, saved, gradients) are contiguous device memory,
+//! [B, N, D] for the streams. Shapes are checked on the host before anything is enqueued
+//! (dr2net::Error naming the member, the view and the sizes); the work itself is only
+//! enqueued on call.context's stream, with no host synchronisation, and temporaries come from
+//! the context's stream-ordered pool (metered as Scratch). Not thread-safe.
+//! \tparam T compute type: double, float, __nv_bfloat16 or __half.
 template <class T>
 class CudaVitMlp : public NamedParameterSet<CudaVitMlp<T>>, public OutputAddsInto<CudaVitMlp<T>> {
  public:
   //! Names this function in error messages.
   static constexpr std::string_view type_name = "CudaVitMlp";
-  using value_type = T;
-  using context_type = CudaContext;
+  using value_type = T;               //!< Compute type of parameters, activations and saved tensors.
+  using context_type = CudaContext;   //!< Runs on the CUDA backend: members take ModuleCall<CudaContext>.
+  //! Accumulation type (float for float/bf16/fp16, double for double): GEMM scalars and the
+  //! saved LayerNorm statistics.
   using A = cuda_detail::acc_t<T>;
+  //! Empty: timm's names are kept verbatim inside a block ("blocks.{i}.mlp.fc1.weight").
   static constexpr std::string_view parameter_prefix = "";
 
-  //! Weights initialised exactly as VitMlp<float>(config, seed) initialises them.
+  //! Weights initialised exactly as VitMlp<float>(config, seed) initialises them. Throws
+  //! dr2net::Error for a configuration VitMlp refuses.
   CudaVitMlp(CudaContext& ctx, const VitMlpConfig& config, std::uint64_t seed = 0, CudaFunctionOptions options = {})
       : CudaVitMlp(ctx, VitMlp<float>(config, seed), options) {}
 
-  //! A copy of a host function: its configuration and parameters, converted to T.
+  //! A copy of a host function: its configuration and parameters, converted to T. Waits for
+  //! the copies. Throws dr2net::Error naming the tensor when device memory runs out.
   template <class U>
   CudaVitMlp(CudaContext& ctx, const VitMlp<U>& host, CudaFunctionOptions options = {})
       : config_(host.config()), norm2_(ctx, "norm2", config_.dim, config_.eps),
@@ -63,21 +76,37 @@ class CudaVitMlp : public NamedParameterSet<CudaVitMlp<T>>, public OutputAddsInt
     fc2_.copy_from(host.fc2(), "CudaVitMlp");
   }
 
+  //! The configuration, taken from the host function (validated there).
   const VitMlpConfig& config() const noexcept { return config_; }
+  //! The pre-norm LayerNorm "norm2" over width D, in device memory.
   CudaLayerNorm<T>& norm2() noexcept { return norm2_; }
+  //! The expanding layer "mlp.fc1", D -> hidden, followed by GELU.
   CudaLinear<T>& fc1() noexcept { return fc1_; }
+  //! The contracting layer "mlp.fc2", hidden -> D.
   CudaLinear<T>& fc2() noexcept { return fc2_; }
 
+  //! Elements of T of saved internals for an input [B, N, D], with the statistics in the
+  //! accumulation type and every region 256-byte aligned (see the file comment). Throws
+  //! dr2net::Error when `in` is not rank 3, its width is not D, a dimension is empty, or the
+  //! size overflows (the error names the region).
   std::size_t saved_elements(const Shape& in) const { return layout(in).total; }
 
+  //! out[B, N, D] = G(in); `scratch` (at least saved_elements(in) elements) holds the
+  //! internals afterwards, as recompute leaves them. Dropout and drop-path apply only when
+  //! call.training, with the host twin's masks.
   void forward(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> scratch) {
     recompute(call, in, out, scratch);
   }
 
+  //! out = G(in), bit-identical to forward() for the same call, and `saved` (at least
+  //! saved_elements(in) elements) holds the internals backward() reads.
   void recompute(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
     compute(call, in, out, saved, nullptr, 0.0);
   }
 
+  //! grad_in += J_G(in)^T grad_out and every parameter gradient += its share (nothing is
+  //! overwritten). `saved` must be what recompute() left for this `in` and call. Temporaries
+  //! (dz [M, hidden], dxn [M, D]) are freed stream-ordered before it returns.
   void backward(const ModuleCall<CudaContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
                 TensorView<T> grad_in) {
     const Layout L = layout(in.shape());
