@@ -23,8 +23,11 @@ enum class MemoryCategory : int {
   Other,             //!< anything else a context allocates (workspaces, staging)
   SideBits,          //!< exact mode: the bits each fixed-point module's beta-term loses (activation memory)
 };
+//! Number of MemoryCategory values; categories are numbered 0..kMemoryCategoryCount-1.
 inline constexpr std::size_t kMemoryCategoryCount = 7;
 
+//! Lower-case name of a category as it appears in report() and in benchmark JSON ("streams",
+//! "saved_activations", ...); "unknown" for a value outside the enum.
 inline constexpr std::string_view category_name(MemoryCategory c) {
   switch (c) {
     case MemoryCategory::Streams: return "streams";
@@ -38,6 +41,8 @@ inline constexpr std::string_view category_name(MemoryCategory c) {
   return "unknown";
 }
 
+//! True for the categories counted as activation memory: Streams, Scratch, SavedActivations and
+//! SideBits (not Parameters, Gradients or Other).
 inline constexpr bool is_activation(MemoryCategory c) {
   return c == MemoryCategory::Streams || c == MemoryCategory::Scratch ||
          c == MemoryCategory::SavedActivations || c == MemoryCategory::SideBits;
@@ -45,8 +50,11 @@ inline constexpr bool is_activation(MemoryCategory c) {
 
 //! Current and peak bytes per category, plus peaks of the activation sum and the total.
 //! Peaks of sums are tracked as sums, not added from per-category peaks.
+//! Not synchronised: one meter belongs to one context and is updated from the host thread that
+//! allocates through it.
 class MemoryMeter {
  public:
+  //! Records `bytes` newly held in category `c` and raises the peaks it exceeds.
   void add(MemoryCategory c, std::size_t bytes) {
     auto& cur = current_[index(c)];
     cur += bytes;
@@ -59,6 +67,8 @@ class MemoryMeter {
     }
   }
 
+  //! Records `bytes` of category `c` released. Throws dr2net::Error (and changes nothing) when more
+  //! bytes are released than the category currently holds, which would mean a double free.
   void remove(MemoryCategory c, std::size_t bytes) {
     auto& cur = current_[index(c)];
     DR2NET_CHECK(bytes <= cur, "memory meter: releasing ", bytes, " bytes of ", category_name(c),
@@ -68,11 +78,17 @@ class MemoryMeter {
     if (is_activation(c)) activation_ -= bytes;
   }
 
+  //! Bytes of category `c` held now.
   std::size_t current(MemoryCategory c) const { return current_[index(c)]; }
+  //! Most bytes category `c` held at once since construction or the last reset_peaks().
   std::size_t peak(MemoryCategory c) const { return peak_[index(c)]; }
+  //! Bytes held now over all categories.
   std::size_t current_total() const { return total_; }
+  //! Most bytes held at once over all categories (the peak of the sum, not the sum of peaks).
   std::size_t peak_total() const { return peak_total_; }
+  //! Activation bytes held now (the categories for which is_activation() is true).
   std::size_t current_activation() const { return activation_; }
+  //! Most activation bytes held at once: the figure the reversible modes keep flat across depth.
   std::size_t peak_activation() const { return peak_activation_; }
 
   //! Starts a new measurement window: peaks become the current values.
@@ -128,15 +144,20 @@ class MemoryMeter {
 //! Records bytes that something else owns (a functor's weights) for as long as it lives.
 class MeterReservation {
  public:
+  //! Holds nothing and records nothing; bytes() is 0.
   MeterReservation() = default;
+  //! Adds `bytes` to category `c` of `meter` now and removes them on destruction. `meter` must
+  //! outlive the reservation (and every reservation it is moved into).
   MeterReservation(MemoryMeter& meter, MemoryCategory c, std::size_t bytes)
       : meter_(&meter), category_(c), bytes_(bytes) {
     meter_->add(c, bytes);
   }
+  //! Takes over `o`'s bytes; `o` then holds nothing. The meter is not touched.
   MeterReservation(MeterReservation&& o) noexcept
       : meter_(o.meter_), category_(o.category_), bytes_(o.bytes_) {
     o.meter_ = nullptr;
   }
+  //! Releases this reservation's bytes, then takes over `o`'s; `o` then holds nothing.
   MeterReservation& operator=(MeterReservation&& o) noexcept {
     if (this != &o) {
       release();
@@ -151,6 +172,7 @@ class MeterReservation {
   MeterReservation& operator=(const MeterReservation&) = delete;
   ~MeterReservation() { release(); }
 
+  //! Bytes recorded by this reservation; 0 when default-constructed or moved from.
   std::size_t bytes() const noexcept { return meter_ ? bytes_ : 0; }
 
  private:

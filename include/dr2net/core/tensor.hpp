@@ -23,11 +23,17 @@ inline constexpr int kMaxRank = 4;
 //! Dimensions of a tensor of rank 0..kMaxRank; every dimension is >= 0.
 class Shape {
  public:
+  //! The rank-0 shape: no dimensions, one element.
   Shape() = default;
+  //! A shape from its dimensions, outermost first, e.g. `{B, N, D}`. Throws dr2net::Error for
+  //! more than kMaxRank dimensions, a negative dimension, or an element count that overflows int64.
   Shape(std::initializer_list<std::int64_t> dims) { assign(dims.begin(), dims.size()); }
+  //! The same from a run-time list of dimensions (e.g. read from a file header); same checks.
   explicit Shape(std::span<const std::int64_t> dims) { assign(dims.data(), dims.size()); }
 
+  //! Number of dimensions, 0..kMaxRank.
   int rank() const noexcept { return rank_; }
+  //! Dimension `i` (0 is the outermost). Throws dr2net::Error unless 0 <= i < rank().
   std::int64_t operator[](int i) const {
     DR2NET_CHECK(i >= 0 && i < rank_, "dimension ", i, " out of range for shape ", str());
     return dims_[static_cast<std::size_t>(i)];
@@ -40,6 +46,7 @@ class Shape {
   //! Product of every dimension but the last: the number of token rows.
   std::int64_t rows() const { return last() == 0 ? 0 : numel() / last(); }
 
+  //! True when both shapes have the same rank and the same dimensions in the same order.
   friend bool operator==(const Shape& a, const Shape& b) noexcept {
     if (a.rank_ != b.rank_) return false;
     for (int i = 0; i < a.rank_; ++i)
@@ -56,6 +63,7 @@ class Shape {
     }
     return s + "]";
   }
+  //! Writes str(), e.g. "[2, 197, 768]", so shapes can go straight into DR2NET_CHECK messages.
   friend std::ostream& operator<<(std::ostream& os, const Shape& s) { return os << s.str(); }
 
  private:
@@ -94,9 +102,12 @@ class Shape {
 template <class T>
 class TensorView {
  public:
-  using value_type = std::remove_const_t<T>;
+  using value_type = std::remove_const_t<T>;  //!< Element type without const (float for a `TensorView<const float>`).
+  //! Per-dimension strides in elements (not bytes); entries at and beyond rank() are unused.
   using Strides = std::array<std::int64_t, kMaxRank>;
 
+  //! A placeholder view: null data and the rank-0 shape (whose numel() is 1), so it holds no element
+  //! that may be read; assign a real view before use.
   TensorView() = default;
   //! A contiguous (row-major) view.
   TensorView(T* data, Shape shape) : data_(data), shape_(shape) {
@@ -132,13 +143,22 @@ class TensorView {
     return TensorView<const T>(data_, shape_, strides_);
   }
 
+  //! Address of element [0, ..., 0]; host or device memory, as the view's creator chose (the view
+  //! never dereferences it itself). Null for a default-constructed view or one without elements.
   T* data() const noexcept { return data_; }
+  //! Dimensions of the viewed tensor.
   const Shape& shape() const noexcept { return shape_; }
+  //! Element count, as int64 (the type index arithmetic uses).
   std::int64_t numel() const noexcept { return shape_.numel(); }
+  //! Element count, as std::size_t (for spans, allocations and loops over `size()`).
   std::size_t size() const noexcept { return static_cast<std::size_t>(shape_.numel()); }
+  //! Stride of dimension `i` in elements. Not range-checked: `i` must lie in [0, kMaxRank).
   std::int64_t stride(int i) const { return strides_[static_cast<std::size_t>(i)]; }
+  //! All strides, in elements.
   const Strides& strides() const noexcept { return strides_; }
 
+  //! True when the elements are laid out row-major without gaps, so element k sits at data()[k].
+  //! Strides of dimensions of size 1 are ignored, as they never move the address.
   bool is_contiguous() const noexcept {
     std::int64_t s = 1;
     for (int i = shape_.rank() - 1; i >= 0; --i) {
@@ -175,6 +195,7 @@ class TensorView {
   Strides strides_{};
 };
 
+//! Read-only view of elements of type `T`; what functions take for their inputs.
 template <class T>
 using ConstView = TensorView<const T>;
 

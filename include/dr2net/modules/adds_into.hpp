@@ -21,6 +21,9 @@
 
 namespace dr2net {
 
+//! CRTP base that gives a residual function the ResidualFunction concept's optional adds-into
+//! members (adds_into, recompute_add) on top of Derived::compute (see the file comment for what
+//! Derived provides). Adding is on by default; set_adds_into(false) turns it off per object.
 template <class Derived>
 class OutputAddsInto {
  public:

@@ -43,13 +43,19 @@ struct DropScale {
   PhiloxStream path_stream{};     //!< one draw per sample
   PhiloxStream element_stream{};  //!< one draw per element
   std::uint64_t sample_elements = 1;  //!< elements per sample: sample of element i is i / sample_elements
-  std::uint32_t path_threshold = 0, element_threshold = 0;
-  T path_scale = T(1), element_scale = T(1);
-  bool path = false, element = false;
+  //! path_threshold: keep_threshold(p_path), the 24-bit test a sample's draw must pass.
+  std::uint32_t path_threshold = 0, element_threshold = 0;  //!< element_threshold: keep_threshold(p_drop), per element
+  //! path_scale: 1/(1 - p_path), the factor of the elements of a kept sample.
+  T path_scale = T(1), element_scale = T(1);  //!< element_scale: 1/(1 - p_drop), the factor of a kept element
+  //! path: whether drop-path applies (training with p_path > 0).
+  bool path = false, element = false;  //!< element: whether dropout applies (training with p_drop > 0)
 
   //! Whether any mask applies (false at inference and at rate 0: then the factor is 1).
   DR2NET_HD_INLINE bool active() const { return path || element; }
 
+  //! The factor of flat element `i` of the output (row-major over [B, ...], so its sample is
+  //! i / sample_elements): 0 when its sample or the element itself is dropped, otherwise the
+  //! product of the active scales. Pure in (streams, i): forward, recomputation and backward agree.
   DR2NET_HD_INLINE T operator()(std::uint64_t i) const {
     T f = T(1);
     if (path) {
@@ -67,9 +73,10 @@ struct DropScale {
 //! dst[i] = src[i] * scale(i) (dst may be src).
 template <class T>
 struct ApplyDropScale {
-  T* dst;
-  const T* src;
-  DropScale<T> scale;
+  T* dst;              //!< output elements (host or device memory, as the launch's backend)
+  const T* src;        //!< input elements, indexed like dst; may equal dst
+  DropScale<T> scale;  //!< the masks; element i of dst and src is element i of the masked tensor
+  //! Masks and scales element `i`: one call per index of for_each_index or a device launch.
   DR2NET_HD_INLINE void operator()(std::size_t i) const { dst[i] = src[i] * scale(static_cast<std::uint64_t>(i)); }
 };
 

@@ -125,23 +125,39 @@ class ParameterArray {
 template <class T>
 class Parameter {
  public:
+  //! Tensor `name` (its checkpoint name, e.g. "attn.qkv.weight") of shape `shape`, value and
+  //! gradient both zero-filled host arrays. Throws dr2net::Error naming the tensor, its shape and
+  //! bytes when the byte count overflows or the memory cannot be had (more than the machine's
+  //! physical memory, or the allocation fails).
   Parameter(std::string name, Shape shape)
       : name_(std::move(name)), shape_(shape), value_(name_, shape_, MemoryCategory::Parameters),
         grad_(name_, shape_, MemoryCategory::Gradients) {}
 
+  //! The tensor's name, as given at construction and as checkpoints and load() use it.
   const std::string& name() const noexcept { return name_; }
+  //! Shape of the value and of the gradient.
   const Shape& shape() const noexcept { return shape_; }
+  //! Elements of the value (the gradient holds as many); 0 once moved from.
   std::size_t size() const noexcept { return value_.size(); }
   //! Bytes of the value (the gradient holds as many).
   std::size_t bytes() const noexcept { return value_.size() * sizeof(T); }
 
+  //! Contiguous, writable view of the weights (host memory). Throws dr2net::Error on a moved-from
+  //! parameter, as do all the accessors below.
   TensorView<T> value() { return TensorView<T>(live("value()").data(), shape_); }
+  //! Contiguous, writable view of the gradient, which backward passes accumulate into (+=); the
+  //! owner zeroes it between steps (the stack's or AdamW's zero_grad()).
   TensorView<T> grad() { return TensorView<T>(live_grad("grad()").data(), shape_); }
+  //! Read-only view of the weights.
   ConstView<T> value() const { return ConstView<T>(live("value()").data(), shape_); }
+  //! Read-only view of the gradient.
   ConstView<T> grad() const { return ConstView<T>(live_grad("grad()").data(), shape_); }
+  //! The weights as a flat row-major array of size() elements (what the kernels read).
   const T* data() const { return live("data()").data(); }
+  //! The gradient as a flat row-major array of size() elements (what the kernels accumulate into).
   T* grad_data() { return live_grad("grad_data()").data(); }
 
+  //! Sets every weight to `v` (LayerNorm's weight 1 and bias 0, say); the gradient is untouched.
   void fill(T v) {
     live("fill()");
     std::fill(value_.begin(), value_.end(), v);

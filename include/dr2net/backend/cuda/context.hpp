@@ -29,6 +29,7 @@
 
 namespace dr2net {
 
+//! Settings of a CudaContext, fixed when it is constructed.
 struct CudaContextOptions {
   int device = 0;  //!< CUDA device ordinal
   //! Fill every new non-integer allocation with all-one bytes (NaN in fp64/fp32/bf16/fp16),
@@ -45,8 +46,11 @@ class CudaContext;
 template <class T>
 class DeviceBuffer {
  public:
+  //! Holds nothing: null data(), size() 0, no context. Obtain real buffers from CudaContext::allocate().
   DeviceBuffer() = default;
+  //! Takes over `o`'s device memory and its meter record; `o` is left empty. No CUDA call.
   DeviceBuffer(DeviceBuffer&& o) noexcept { swap(o); }
+  //! Frees this buffer's memory (stream-ordered, see reset()), then takes over `o`'s; `o` is left empty.
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
     DeviceBuffer tmp(std::move(o));
     swap(tmp);
@@ -56,8 +60,11 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   ~DeviceBuffer() { reset(); }
 
+  //! Device pointer to the first element, or null when empty(); not dereferenceable on the host.
   T* data() const noexcept { return data_; }
+  //! Number of elements of T held (not bytes).
   std::size_t size() const noexcept { return size_; }
+  //! True when the buffer holds no memory.
   bool empty() const noexcept { return size_ == 0; }
 
   //! A contiguous view (of device memory) of the first shape.numel() elements.
@@ -66,10 +73,16 @@ class DeviceBuffer {
                  shape.numel(), " elements but the device buffer holds ", size_);
     return TensorView<T>(data_, shape);
   }
+  //! All elements as a rank-1 view (of device memory).
   TensorView<T> flat() const { return TensorView<T>(data_, Shape{static_cast<std::int64_t>(size_)}); }
 
+  //! Frees the memory with cudaFreeAsync on the context's stream, so kernels already queued on
+  //! that stream may still use it (work on other streams must be synchronised by the caller
+  //! first), and removes its bytes from the meter unless it came from allocate_unmetered().
+  //! Does not wait for the device. The buffer is then empty. The destructor does the same.
   inline void reset() noexcept;
 
+  //! Exchanges memory, size, context and meter record with `o`; nothing is allocated, freed or re-metered.
   void swap(DeviceBuffer& o) noexcept {
     std::swap(data_, o.data_);
     std::swap(size_, o.size_);
@@ -90,6 +103,12 @@ class DeviceBuffer {
 //! Resources of the CUDA backend. Not copyable or movable: buffers point back to it.
 class CudaContext {
  public:
+  //! Opens device `options.device`: makes it the calling thread's current device, sets its
+  //! default memory pool to keep freed blocks (release threshold unlimited), and creates a
+  //! non-blocking stream (no implicit synchronisation with the legacy default stream). The cuBLAS
+  //! handles and the GEMM workspace are created later, on first use. Throws dr2net::Error when no
+  //! CUDA device is usable (the CUDA error string, or a device count of 0), when the ordinal is out of
+  //! range, or when any of these CUDA calls fails.
   explicit CudaContext(CudaContextOptions options = {}) : options_(options) {
     int count = 0;
     const cudaError_t e = cudaGetDeviceCount(&count);
@@ -117,12 +136,21 @@ class CudaContext {
     cudaStreamDestroy(stream_);
   }
 
+  //! The byte accounting of every metered allocation and reservation made through this context
+  //! (what the library holds, not what the pool has cached); reset_peaks() starts a window.
   MemoryMeter& meter() noexcept { return meter_; }
+  //! Read-only access to the same meter.
   const MemoryMeter& meter() const noexcept { return meter_; }
+  //! The options the context was constructed with.
   const CudaContextOptions& options() const noexcept { return options_; }
 
+  //! The context's one stream: every kernel, copy, allocation and free of the library is queued
+  //! on it, in order. A caller mixing in its own streams must synchronise with it (events or
+  //! synchronize()).
   cudaStream_t stream() const noexcept { return stream_; }
+  //! CUDA ordinal of the device the context opened.
   int device() const noexcept { return options_.device; }
+  //! Streaming multiprocessors of that device (queried once at construction), used to size grids.
   int multiprocessor_count() const noexcept { return sm_count_; }
 
   //! Waits for everything queued on the context's stream; throws what a kernel raised.
@@ -147,6 +175,8 @@ class CudaContext {
       workspace_ = allocate<std::byte>(options_.gemm_workspace_bytes, MemoryCategory::Other);
     return workspace_.data();
   }
+  //! Bytes of the cuBLASLt workspace allocated so far: 0 until gemm_workspace() is first called,
+  //! then CudaContextOptions::gemm_workspace_bytes.
   std::size_t gemm_workspace_bytes() const noexcept { return workspace_.size(); }
 
   //! The context's one object of type X, default-constructed on first use and destroyed with

@@ -18,6 +18,7 @@
 
 namespace dr2net {
 
+//! Settings of a HostContext, fixed when it is constructed.
 struct HostContextOptions {
   //! Fill every new floating-point allocation with NaN, so reading memory that was never
   //! written shows up as NaN in results instead of passing silently. Tests turn it on.
@@ -34,8 +35,11 @@ class HostContext;
 template <class T>
 class HostBuffer {
  public:
+  //! Holds nothing: null data(), size() 0, nothing metered. Obtain real buffers from HostContext::allocate().
   HostBuffer() = default;
+  //! Takes over `o`'s memory and its meter record; `o` is left empty.
   HostBuffer(HostBuffer&& o) noexcept { swap(o); }
+  //! Frees this buffer's memory (and its meter record), then takes over `o`'s; `o` is left empty.
   HostBuffer& operator=(HostBuffer&& o) noexcept {
     HostBuffer tmp(std::move(o));
     swap(tmp);
@@ -45,8 +49,11 @@ class HostBuffer {
   HostBuffer& operator=(const HostBuffer&) = delete;
   ~HostBuffer() { reset(); }
 
+  //! First element (64-byte aligned), or null when empty().
   T* data() const noexcept { return data_; }
+  //! Number of elements of T held (not bytes).
   std::size_t size() const noexcept { return size_; }
+  //! True when the buffer holds no memory.
   bool empty() const noexcept { return size_ == 0; }
 
   //! A contiguous view of the first shape.numel() elements.
@@ -58,6 +65,8 @@ class HostBuffer {
   //! All elements as a rank-1 view.
   TensorView<T> flat() const { return TensorView<T>(data_, Shape{static_cast<std::int64_t>(size_)}); }
 
+  //! Frees the memory now and removes its bytes from the owning context's meter; the buffer is
+  //! then empty. The destructor does the same, so the context must outlive its buffers.
   void reset() noexcept {
     if (data_) {
       ::operator delete(static_cast<void*>(data_), std::align_val_t{kAlignment});
@@ -68,6 +77,7 @@ class HostBuffer {
     meter_ = nullptr;
   }
 
+  //! Exchanges memory, size and meter record with `o`; nothing is allocated, freed or re-metered.
   void swap(HostBuffer& o) noexcept {
     std::swap(data_, o.data_);
     std::swap(size_, o.size_);
@@ -88,12 +98,18 @@ class HostBuffer {
 //! Resources of the host backend. Every library allocation goes through allocate().
 class HostContext {
  public:
+  //! A context with the given options and an empty meter. Neither copyable nor movable: buffers and
+  //! reservations keep a pointer to its meter.
   explicit HostContext(HostContextOptions options = {}) : options_(options) {}
   HostContext(const HostContext&) = delete;
   HostContext& operator=(const HostContext&) = delete;
 
+  //! The byte accounting of every allocation and reservation made through this context; callers
+  //! may reset_peaks() on it to start a measurement window.
   MemoryMeter& meter() noexcept { return meter_; }
+  //! Read-only access to the same meter (current and peak bytes per category).
   const MemoryMeter& meter() const noexcept { return meter_; }
+  //! The options the context was constructed with.
   const HostContextOptions& options() const noexcept { return options_; }
 
   //! `count` elements of T, metered under `category`. A byte count that overflows, one over

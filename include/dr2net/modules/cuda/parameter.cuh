@@ -32,10 +32,16 @@
 
 namespace dr2net {
 
+//! A named weight tensor of T (double, float, or the 16-bit types of types.cuh) and its gradient,
+//! both in device memory of one CudaContext, which must outlive it. Move-only. All its work
+//! (zero-fill, load) is queued on the context's stream.
 template <class T>
 class DeviceParameter {
  public:
-  //! Value and gradient of `shape`, both zero.
+  //! Tensor `name` of `shape` on `ctx`, value and gradient both zero (zero-filled with
+  //! cudaMemsetAsync on the context's stream, so the zeros are in place for any work queued after
+  //! it). Throws dr2net::Error naming the tensor, its bytes and the category when the byte count
+  //! overflows or the device is out of memory.
   DeviceParameter(CudaContext& ctx, std::string name, Shape shape)
       : ctx_(&ctx), name_(std::move(name)), shape_(shape),
         value_(allocate(ctx, name_, shape_, MemoryCategory::Parameters)),
@@ -46,15 +52,22 @@ class DeviceParameter {
     }
   }
 
+  //! The tensor's name, as given at construction and as checkpoints and load() use it.
   const std::string& name() const noexcept { return name_; }
+  //! Shape of the value and of the gradient.
   const Shape& shape() const noexcept { return shape_; }
+  //! Elements of the value (the gradient holds as many); 0 once moved from.
   std::size_t size() const noexcept { return value_.size(); }
   //! Bytes of the value (the gradient holds as many).
   std::size_t bytes() const noexcept { return value_.size() * sizeof(T); }
-  //! Device pointers.
+  //! Device pointer to the weights, a flat row-major array of size() elements. Throws
+  //! dr2net::Error on a moved-from parameter, as do the accessors below.
   const T* data() const { return live("data()").data(); }
+  //! Device pointer to the gradient, which backward kernels accumulate into (+=).
   T* grad_data() { return live_grad("grad_data()").data(); }
+  //! Contiguous view of the weights in device memory (not dereferenceable on the host).
   TensorView<T> value() { return TensorView<T>(live("value()").data(), shape_); }
+  //! Contiguous view of the gradient in device memory (not dereferenceable on the host).
   TensorView<T> grad() { return TensorView<T>(live_grad("grad()").data(), shape_); }
 
   //! Copies host `data` (converted to T) into the value after checking its shape; `owner`
