@@ -39,6 +39,8 @@ enum class ModuleFlag : int {
   Gradient = 1,  //!< the gradient it produced for its input stream is not finite
   Inverse = 2,   //!< its recomputation in backward produced a non-finite value
 };
+//! Words per module in a check-flag array (LayerCall::flags): module m's ModuleFlag `f` is
+//! word kModuleFlagCount * m + f.
 inline constexpr int kModuleFlagCount = 3;
 
 //! Where a layer is and what it may do in this call.
@@ -64,14 +66,15 @@ using buffer_t = decltype(std::declval<Ctx&>().template allocate<T>(std::size_t{
 //! its residual function's saved internals.
 template <class S, class C>
 struct ModuleStorage {
-  TensorView<S> input;
-  TensorView<C> saved;
+  TensorView<S> input;  //!< Copy of the stream the function read (x_i), of the stream's shape.
+  TensorView<C> saved;  //!< The function's saved internals: saved_elements(shape) elements, 1-D.
 };
 
 //! Standard-mode state of a layer's two modules.
 template <class S, class C>
 struct LayerStorage {
-  ModuleStorage<S, C> f, g;
+  //! State of module F (module 2*layer).
+  ModuleStorage<S, C> f, g;  //!< State of module G (module 2*layer+1).
 };
 
 //! The temporaries one module needs, sized for the largest function it will serve:
@@ -99,6 +102,8 @@ class ModuleWorkspace {
       ctx.reserve(gin_, n, MemoryCategory::Scratch, "module workspace: input gradient");
     }
   }
+  //! Frees every buffer, returning its bytes to the context's meter; the views are empty until
+  //! the next prepare().
   void release() {
     f_.reset();
     scratch_.reset();
@@ -107,12 +112,22 @@ class ModuleWorkspace {
     gin_.reset();
   }
 
+  //! The stream shape of the last prepare() (every stream-shaped view has it).
   const Shape& shape() const { return shape_; }
+  //! Where the function writes its output F(x) (stream shape, compute type), read by the
+  //! combine pass that follows.
   TensorView<C> f() const { return f_.view(shape_); }
+  //! The function's scratch, a 1-D view of the `scratch_elements` of the last prepare(): its
+  //! saved internals between a recompute and its backward when nothing is stored.
   TensorView<C> scratch() const { return TensorView<C>(scratch_.data(), Shape{static_cast<std::int64_t>(scratch_elements_)}); }
-  //! Compute-typed staging (mixed precision only; empty views otherwise).
+  //! Compute-typed copy of the function's input stream (stream shape; an empty view unless
+  //! kMixedInput).
   TensorView<C> in() const { return staging<kMixedInput>(in_); }
+  //! Compute-typed copy of the output gradient gy (stream shape; an empty view unless
+  //! kMixedGradient).
   TensorView<C> gout() const { return staging<kMixedGradient>(gout_); }
+  //! Compute-typed accumulator of the function's input gradient J^T gy, zeroed before each
+  //! backward and then combined into the stream gradient (an empty view unless kMixedGradient).
   TensorView<C> gin() const { return staging<kMixedGradient>(gin_); }
 
  private:
@@ -127,6 +142,19 @@ class ModuleWorkspace {
   buffer_t<Ctx, C> f_, scratch_, in_, gout_, gin_;
 };
 
+//! One Dr²Net layer: modules F (2*layer) and G (2*layer+1) over the streams (x, y), in place,
+//! with the forward, inverse and backward of the file comment. It owns its two residual
+//! functions; the stack owns the streams, the workspace and the schedule and passes them in,
+//! so one workspace_type serves every layer. Every member runs its passes through the context
+//! it is given (a device context: on its stream, in order); the block itself does not wait
+//! for the stream.
+//!
+//! \tparam F          residual function of module F (attention in a transformer), see
+//!                    block/residual_function.hpp
+//! \tparam G          residual function of module G (the MLP); same value_type and context_type as F
+//! \tparam ScheduleT  coefficient schedule, (step, module) -> (alpha, beta) (the Schedule concept)
+//! \tparam PrecisionT precision policy (Fp32, Fp64, Fp64StreamsFp32Compute, FixedFp32, ...);
+//!                    F's and G's value_type must be its compute_type
 template <class F, class G, class ScheduleT, Precision PrecisionT = Fp32>
 class ReversibleDualResidual {
   static_assert(Schedule<ScheduleT>,
@@ -136,20 +164,24 @@ class ReversibleDualResidual {
   static_assert(check_residual_function<G>(), "dr2net: G is not a residual function (see above)");
 
  public:
-  using function_f = F;
-  using function_g = G;
-  using schedule_type = ScheduleT;
-  using precision = PrecisionT;
-  using stream_type = typename PrecisionT::stream_type;
-  using compute_type = typename PrecisionT::compute_type;
-  using accumulate_type = typename PrecisionT::accumulate_type;
+  using function_f = F;                                          //!< Residual function of module F.
+  using function_g = G;                                          //!< Residual function of module G.
+  using schedule_type = ScheduleT;                               //!< The coefficient schedule.
+  using precision = PrecisionT;                                  //!< The precision policy.
+  using stream_type = typename PrecisionT::stream_type;          //!< Element type of the streams x, y.
+  using compute_type = typename PrecisionT::compute_type;        //!< F's and G's value_type and parameter type.
+  using accumulate_type = typename PrecisionT::accumulate_type;  //!< Type of the fused combine arithmetic.
   //! Type of the stack's input and output and of the stream gradients.
   using value_type = policy_value_t<PrecisionT>;
+  //! The backend context F and G run on (context_type_t<F>; G's must be the same).
   using context_type = context_type_t<F>;
+  //! The temporaries of one module, sized by the stack for the largest function it serves.
   using workspace_type = ModuleWorkspace<context_type, stream_type, compute_type, value_type>;
   //! Fixed-point streams: every reconstruction is exact (DESIGN §3a).
   static constexpr bool exact = is_fixed_point_v<stream_type>;
+  //! Standard-mode state of this layer's two modules.
   using storage_type = LayerStorage<stream_type, compute_type>;
+  //! Standard-mode state of one module.
   using module_storage_type = ModuleStorage<stream_type, compute_type>;
 
  private:
@@ -167,11 +199,16 @@ class ReversibleDualResidual {
   static_assert(std::is_same_v<context_type_t<G>, context_type>,
                 "dr2net: F and G must run on the same backend (context_type)");
 
+  //! Takes the two residual functions (moved in, with their parameters); allocates nothing.
   ReversibleDualResidual(F f, G g) : f_(std::move(f)), g_(std::move(g)) {}
 
+  //! Module F's residual function, e.g. to set its parameters between steps.
   F& f() noexcept { return f_; }
+  //! Module G's residual function, e.g. to set its parameters between steps.
   G& g() noexcept { return g_; }
+  //! Module F's residual function (read-only).
   const F& f() const noexcept { return f_; }
+  //! Module G's residual function (read-only).
   const G& g() const noexcept { return g_; }
 
   //! Scratch elements of F (module 0 of this layer) and G (module 1) for a stream of `shape`.
@@ -179,6 +216,7 @@ class ReversibleDualResidual {
   std::size_t saved_elements_f(const Shape& shape, int layer) const {
     return with_module(2 * layer, "F", [&] { return scratch_size(f_.saved_elements(shape)); });
   }
+  //! As saved_elements_f(), for G (module 2*layer+1).
   std::size_t saved_elements_g(const Shape& shape, int layer) const {
     return with_module(2 * layer + 1, "G", [&] { return scratch_size(g_.saved_elements(shape)); });
   }

@@ -39,12 +39,16 @@
 
 namespace dr2net {
 
+//! What a training forward keeps for backward, and so the trade of activation memory against
+//! recomputation and reconstruction error.
 enum class BackpropMode {
   Reversible,    //!< store nothing per module; reconstruct activations in backward
   ErrorBounded,  //!< reversible, plus stream snapshots where predicted error would exceed a tolerance
   Standard,      //!< store every module's input and saved internals; no reconstruction
 };
 
+//! The mode's name for messages and reports: "reversible", "error-bounded" or "standard"
+//! ("unknown" for a value outside the enumeration).
 inline constexpr std::string_view mode_name(BackpropMode m) {
   switch (m) {
     case BackpropMode::Reversible: return "reversible";
@@ -54,6 +58,7 @@ inline constexpr std::string_view mode_name(BackpropMode m) {
   return "unknown";
 }
 
+//! What the stack writes to its output from the final streams (x_N, y_N).
 enum class StackOutput {
   LastStream,     //!< out = y_N: exactly the pretrained network at (alpha, beta) = (1, 0)
   MeanOfStreams,  //!< out = (x_N + y_N) / 2
@@ -83,11 +88,17 @@ struct ErrorBoundOptions {
   double error_scale_decay = 0.9;     //!< per-step decay of error_scale toward what is measured
 };
 
+//! Settings of a ReversibleStack. The constructor (and set_error_bound() and set_guard() for
+//! their parts) validates them and throws dr2net::Error unless min_abs_beta > 0, the
+//! error_bound values lie in range (stream_tolerance > 0, planning_margin in (0, 1],
+//! lipschitz >= 0, initial_error_scale > 0, error_scale_decay in (0, 1]) and
+//! guard.max_relative_error > 0.
 struct StackOptions {
-  BackpropMode mode = BackpropMode::Reversible;
-  StackOutput output = StackOutput::LastStream;
+  BackpropMode mode = BackpropMode::Reversible;  //!< Mode of every training forward(); see set_mode().
+  StackOutput output = StackOutput::LastStream;  //!< What forward() and predict() write to `out`.
   std::uint64_t seed = 0;                    //!< handed to residual functions for randomness replay
   double min_abs_beta = kDefaultMinAbsBeta;  //!< reconstruction refuses |beta| below this
+  //! Snapshot placement of BackpropMode::ErrorBounded (unused in the other modes).
   ErrorBoundOptions error_bound{};
   //! What happens when a floating-point reversible backward's measured reconstruction error
   //! exceeds guard.max_relative_error or is not finite (default: throw).
@@ -106,11 +117,12 @@ struct StackOptions {
 };
 
 //! A parameter and its gradient under the stack's name for it ("blocks.3.f.weight").
+//! \tparam T element type: the stack's compute_type
 template <class T>
 struct NamedParameter {
-  std::string name;
-  TensorView<T> value;
-  TensorView<T> grad;
+  std::string name;     //!< Dot-separated full name, also its key in a checkpoint.
+  TensorView<T> value;  //!< The values, in the backend's memory, owned by the residual function.
+  TensorView<T> grad;   //!< Its gradient, of value's shape; backward() accumulates into it.
 };
 
 //! Predicted per-module growth of reconstruction error at (alpha, beta): the largest |root| of
@@ -122,20 +134,39 @@ inline double reconstruction_growth(Coefficients c, double lipschitz = 0.0) {
   return (b + std::sqrt(b * b + 4 * beta)) / (2 * beta);
 }
 
+//! L layers of `Block` trained as one Dr²Net network of 2L modules (module m: layer m/2's F
+//! for even m, G for odd m) with the memory plan of the file comment. The stack owns the
+//! layers, the schedule and its buffers (kept between steps, sized for the largest shape seen)
+//! and refers to the context, which must outlive it.
+//!
+//! Every call runs on the calling thread; one stack serves one forward/backward sequence at a
+//! time (no concurrent calls). On a device context the passes go to its stream, and forward(),
+//! predict() and backward() return after reading the check flags back, so their errors are
+//! raised by the call that caused them.
+//!
+//! \tparam Block a ReversibleDualResidual (or a type with its members)
 template <class Block>
 class ReversibleStack {
  public:
-  using block_type = Block;
-  using schedule_type = typename Block::schedule_type;
-  using stream_type = typename Block::stream_type;
+  using block_type = Block;                                 //!< The layer type.
+  using schedule_type = typename Block::schedule_type;      //!< The coefficient schedule, one for all layers.
+  using stream_type = typename Block::stream_type;          //!< Element type of the streams x, y.
+  //! Type of the residual functions and of every parameter and gradient (NamedParameter<compute_type>).
   using compute_type = typename Block::compute_type;
-  using accumulate_type = typename Block::accumulate_type;
+  using accumulate_type = typename Block::accumulate_type;  //!< Type of the fused combine arithmetic.
   //! Type of h0, out, dout and dh0: the stream type, or the compute type for fixed-point streams.
   using value_type = typename Block::value_type;
+  //! The backend context (HostContext, CudaContext) every pass runs through.
   using context_type = typename Block::context_type;
   //! Fixed-point streams: reversible mode is exact.
   static constexpr bool exact = Block::exact;
 
+  //! Takes the layers (layer i holds modules 2i and 2i+1) and the schedule, and keeps a
+  //! reference to `ctx`. Records every parameter and its gradient once in ctx's memory meter
+  //! (MemoryCategory::Parameters, Gradients); stream buffers are allocated by the first
+  //! forward. Throws dr2net::Error for an empty `layers`, invalid `options` (see StackOptions),
+  //! a schedule that overrides a module beyond 2L - 1, or a parameter that a memory limit of
+  //! the context refuses (naming the tensor).
   ReversibleStack(context_type& ctx, std::vector<Block> layers, schedule_type schedule, StackOptions options = {})
       : ctx_(&ctx), layers_(std::move(layers)), schedule_(std::move(schedule)), options_(std::move(options)) {
     DR2NET_CHECK(!layers_.empty(), "a stack needs at least one layer");
@@ -160,33 +191,44 @@ class ReversibleStack {
 
   //! A moved-from stack refuses every call with dr2net::Error ("... was moved from").
   ReversibleStack(ReversibleStack&&) = default;
+  //! Takes over the source's layers, schedule, buffers and meter records; the source then
+  //! refuses every call.
   ReversibleStack& operator=(ReversibleStack&&) = default;
   ReversibleStack(const ReversibleStack&) = delete;
   ReversibleStack& operator=(const ReversibleStack&) = delete;
   ~ReversibleStack() = default;
 
+  //! Number of layers L.
   int num_layers() const {
     live("ReversibleStack::num_layers()");
     return static_cast<int>(layers_.size());
   }
+  //! Number of modules, 2L: the module index of schedules, messages and reports.
   int num_modules() const { return 2 * num_layers(); }
+  //! Layer i, e.g. to reach its residual functions; throws std::out_of_range unless 0 <= i < L.
   Block& layer(int i) {
     live("ReversibleStack::layer()");
     return layers_.at(static_cast<std::size_t>(i));
   }
+  //! The stack's schedule, for a schedule with state to change. Change it between steps only:
+  //! backward() reads the coefficients again and refuses a module that became non-reversible.
   schedule_type& schedule() {
     live("ReversibleStack::schedule()");
     return schedule_;
   }
+  //! The options in force, with the changes of set_mode(), set_output(), set_error_bound() and
+  //! set_guard().
   const StackOptions& options() const {
     live("ReversibleStack::options()");
     return options_;
   }
+  //! The context given to the constructor.
   context_type& context() {
     live("ReversibleStack::context()");
     return *ctx_;
   }
 
+  //! Mode of the next training forward(), options().mode.
   BackpropMode mode() const {
     live("ReversibleStack::mode()");
     return options_.mode;
@@ -197,11 +239,15 @@ class ReversibleStack {
     options_.mode = m;
     state_ = State::Idle;
   }
+  //! Sets what forward() and predict() write to `out`; discards a pending forward.
   void set_output(StackOutput o) {
     live("ReversibleStack::set_output()");
     options_.output = o;
     state_ = State::Idle;
   }
+  //! Replaces the error-bounded mode's options and restarts its controller at
+  //! eb.initial_error_scale; discards a pending forward. Throws dr2net::Error, changing
+  //! nothing, when a value of `eb` is out of range (see StackOptions).
   void set_error_bound(const ErrorBoundOptions& eb) {
     live("ReversibleStack::set_error_bound()");
     StackOptions o = options_;
@@ -211,6 +257,8 @@ class ReversibleStack {
     error_scale_ = eb.initial_error_scale;
     state_ = State::Idle;
   }
+  //! Replaces the reconstruction guard; discards a pending forward. Throws dr2net::Error,
+  //! changing nothing, unless guard.max_relative_error > 0.
   void set_guard(ReconstructionGuard guard) {
     live("ReversibleStack::set_guard()");
     StackOptions o = options_;
@@ -297,6 +345,8 @@ class ReversibleStack {
     live("ReversibleStack::reconstructed_x()");
     return x_.view(shape_);
   }
+  //! The reconstructed y_0, as reconstructed_x(). Both view the stack's stream buffers: valid
+  //! until the next forward(), predict() or release_workspace().
   ConstView<stream_type> reconstructed_y() const {
     live("ReversibleStack::reconstructed_y()");
     return y_.view(shape_);

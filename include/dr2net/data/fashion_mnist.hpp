@@ -38,21 +38,27 @@ inline constexpr std::array<std::string_view, 10> kFashionMnistClasses = {
 
 //! Labelled single-channel images of one size, pixels row-major as stored (0..255).
 struct LabelledImages {
-  std::int64_t height = 0, width = 0;
+  //! Rows of pixels of every image (28 for Fashion-MNIST).
+  std::int64_t height = 0, width = 0;  //!< Pixels per row of every image (28 for Fashion-MNIST).
   std::vector<std::uint8_t> pixels;  //!< [size(), height, width]
   std::vector<std::uint8_t> labels;  //!< [size()]
 
+  //! Number of images, which is the number of labels.
   std::int64_t size() const noexcept { return static_cast<std::int64_t>(labels.size()); }
+  //! Bytes (one per pixel) of one image, height * width.
   std::int64_t pixels_per_image() const noexcept { return height * width; }
-  //! The pixels of image i.
+  //! The pixels_per_image() pixels of image i, row-major; valid while `pixels` is not resized.
+  //! Throws dr2net::Error when i is not in [0, size()).
   const std::uint8_t* image(std::int64_t i) const {
     DR2NET_CHECK(i >= 0 && i < size(), "image index ", i, " out of range for a set of ", size());
     return pixels.data() + static_cast<std::size_t>(i * pixels_per_image());
   }
 };
 
+//! The dataset as load_fashion_mnist returns it: both splits, labels 0..9 (kFashionMnistClasses).
 struct FashionMnist {
-  LabelledImages train, test;
+  //! The 60 000 training images, in file order.
+  LabelledImages train, test;  //!< The 10 000 test images, in file order.
 };
 
 //! Reads an images file ([N, H, W]) and its labels file ([N]) and checks they agree; every

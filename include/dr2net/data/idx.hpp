@@ -53,13 +53,15 @@ struct IdxArray {
   }
 };
 
+//! Limits that read_idx applies to a file before it allocates or reads its data.
 struct IdxReadOptions {
   //! Largest data size accepted, in bytes: a guard against headers declaring absurd sizes.
   //! The default (1 GiB) is 20 times Fashion-MNIST's training images.
   std::size_t max_bytes = std::size_t{1} << 30;
 };
 
-//! Whether an IDX file is written gzip-compressed or plain.
+//! Whether write_idx writes the file plain (None) or as a gzip stream (Gzip, as the
+//! distribution's `.gz` files); read_idx reads either without being told.
 enum class IdxCompression { None, Gzip };
 
 namespace detail {

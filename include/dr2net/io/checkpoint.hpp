@@ -88,10 +88,10 @@ void save_parameters(Stack& stack, SafetensorsWriter& out, DType dtype, std::str
 
 //! The sizes of a stack of timm ViT blocks.
 struct TimmVitConfig {
-  int num_layers = 0;
-  std::int64_t dim = 0;
-  int num_heads = 0;
-  std::int64_t hidden = 0;
+  int num_layers = 0;       //!< Number of blocks L (`blocks.0` .. `blocks.{L-1}`).
+  std::int64_t dim = 0;     //!< Token width D, the length of `norm1.weight`.
+  int num_heads = 0;        //!< Attention heads; divides dim (head width D / num_heads).
+  std::int64_t hidden = 0;  //!< MLP width H, the rows of `mlp.fc1.weight` ([H, D]).
 };
 
 //! The per-block tensor names of timm's ViT `Block`, with their shapes for (dim D, hidden H).

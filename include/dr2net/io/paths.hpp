@@ -43,8 +43,8 @@ inline bool same_file(const std::filesystem::path& a, const std::filesystem::pat
 
 //! One input of a program: the flag (or role) that named it and its path.
 struct NamedPath {
-  std::string_view flag;
-  std::filesystem::path path;
+  std::string_view flag;       //!< Flag or role quoted in the error ("--data"); not owned.
+  std::filesystem::path path;  //!< The input's path; an empty one is skipped by require_distinct_output().
 };
 
 //! Throws dr2net::Error, naming both flags and both paths, when `output` (given by

@@ -108,8 +108,8 @@ inline std::string format_shape(const std::vector<std::int64_t>& shape) {
 
 //! Where one tensor lives in a checkpoint.
 struct TensorRecord {
-  std::string name;
-  DType dtype = DType::F32;
+  std::string name;          //!< The tensor's key in the JSON header.
+  DType dtype = DType::F32;  //!< How its elements are stored; reads convert from it.
   std::vector<std::int64_t> shape;  //!< row-major; empty for a scalar
   std::size_t begin = 0;            //!< first byte, relative to the data section
   std::size_t end = 0;              //!< one past the last byte

@@ -49,6 +49,9 @@ inline bool default_weight_decay(std::string_view name) {
            last == "reg_token");
 }
 
+//! Hyperparameters of AdamW; the defaults are PyTorch's. AdamW's constructor throws
+//! dr2net::Error unless lr is finite and >= 0, beta1 and beta2 lie in [0, 1), eps is finite
+//! and > 0, and weight_decay is finite and >= 0.
 struct AdamWOptions {
   double lr = 1e-3;            //!< learning rate (set_lr / step(lr) change it, e.g. from a schedule)
   double beta1 = 0.9;          //!< decay of the first moment
@@ -57,6 +60,13 @@ struct AdamWOptions {
   double weight_decay = 0.01;  //!< decoupled decay rate, for the parameters the rule selects
 };
 
+//! AdamW over a fixed list of parameters on the host (see the file comment for the update).
+//! The two moments of every parameter live in host buffers allocated through the context,
+//! so the memory meter counts them (MemoryCategory::Other). The update runs in double
+//! whatever T is, on the calling thread; one optimizer must not be used from two threads at
+//! once.
+//!
+//! \tparam T element type of the parameters, their gradients and the moments (float or double)
 template <class T>
 class AdamW {
  public:
@@ -86,19 +96,25 @@ class AdamW {
 
   //! A moved-from optimizer refuses every call below with dr2net::Error ("... was moved from").
   AdamW(AdamW&&) = default;
+  //! Takes over the source's parameters, moments and step count; the source then refuses
+  //! every call.
   AdamW& operator=(AdamW&&) = default;
   AdamW(const AdamW&) = delete;
   AdamW& operator=(const AdamW&) = delete;
   ~AdamW() = default;
 
+  //! The options in force; lr is the latest set_lr() or step(lr).
   const AdamWOptions& options() const {
     moved_.check("AdamW::options()");
     return options_;
   }
+  //! The learning rate of the next step().
   double lr() const {
     moved_.check("AdamW::lr()");
     return options_.lr;
   }
+  //! Sets the learning rate of the following steps (e.g. from a schedule); throws
+  //! dr2net::Error, changing nothing, unless `lr` is finite and >= 0.
   void set_lr(double lr) {
     moved_.check("AdamW::set_lr()");
     DR2NET_CHECK(std::isfinite(lr) && lr >= 0, "AdamW: learning rate must be finite and >= 0, got ", lr);
@@ -109,6 +125,8 @@ class AdamW {
     moved_.check("AdamW::steps_taken()");
     return t_;
   }
+  //! The parameters as given to the constructor, in that order: index i of decays(),
+  //! first_moment() and second_moment() is parameters()[i].
   const std::vector<NamedParameter<T>>& parameters() const {
     moved_.check("AdamW::parameters()");
     return params_;
@@ -118,11 +136,13 @@ class AdamW {
     moved_.check("AdamW::decays()");
     return decays_.at(i);
   }
-  //! First and second moment of parameter i.
+  //! The first moment m of parameter i: parameters()[i].value.size() elements, zero before
+  //! the first step. Throws std::out_of_range unless i < parameters().size().
   const T* first_moment(std::size_t i) const {
     moved_.check("AdamW::first_moment()");
     return m_.at(i).data();
   }
+  //! The second moment v of parameter i, as first_moment().
   const T* second_moment(std::size_t i) const {
     moved_.check("AdamW::second_moment()");
     return v_.at(i).data();
