@@ -332,3 +332,27 @@ TEST_CASE("moved-from parameters, modules and optimizers refuse every call", "[h
   CHECK(buf2.size() == 16);
   CHECK_THROWS_WITH(buf.view(Shape{4}), Catch::Contains("holds 0"));
 }
+
+TEST_CASE("indexed accessors name a bad index with a dr2net::Error", "[hardening]") {
+  std::uint64_t seed = 0;
+  auto rng = dr2net::testing::fresh_rng(seed);
+  INFO("seed " << seed);
+  HostContext ctx;
+  ReversibleStack<UserBlock<Fp32>> stack(ctx, user_layers<Fp32>(2, 4, rng), ConstantSchedule(0.0, 1.0));
+  CHECK_NOTHROW(stack.layer(1));
+  CHECK_THROWS_WITH(stack.layer(2), Catch::Contains("layer 2 out of range"));
+  CHECK_THROWS_AS(stack.layer(2), dr2net::Error);
+  CHECK_THROWS_WITH(stack.layer(-1), Catch::Contains("layer -1 out of range"));
+  CHECK_THROWS_AS(stack.layer(-1), dr2net::Error);
+
+  std::vector<float> w(4, 1.0f), g(4, 0.5f);
+  std::vector<NamedParameter<float>> params{{"w", TensorView<float>(w.data(), Shape{4}), TensorView<float>(g.data(), Shape{4})}};
+  optim::AdamW<float> opt(ctx, params);
+  CHECK_NOTHROW(opt.first_moment(0));
+  for (auto call : {+[](const optim::AdamW<float>& o) { (void)o.decays(1); },
+                    +[](const optim::AdamW<float>& o) { (void)o.first_moment(1); },
+                    +[](const optim::AdamW<float>& o) { (void)o.second_moment(1); }}) {
+    CHECK_THROWS_WITH(call(opt), Catch::Contains("index 1 out of range"));
+    CHECK_THROWS_AS(call(opt), dr2net::Error);
+  }
+}

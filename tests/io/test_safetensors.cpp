@@ -1052,3 +1052,24 @@ TEST_CASE("safetensors: read errors name the file", "[safetensors]") {
   CHECK_THAT(error_of([&] { (void)SafetensorsReader::from_file(fifo); }),
              Contains(fifo) && Contains("not a regular file"));
 }
+
+TEST_CASE("safetensors: a moved-from reader refuses every call", "[safetensors][hardening]") {
+  SafetensorsWriter w;
+  w.add("t", DType::F32, {2}, std::vector<float>{1.0f, 2.0f});
+  auto reader = SafetensorsReader::from_bytes(w.to_bytes());
+  const SafetensorsReader moved = std::move(reader);
+  CHECK(moved.read<float>("t") == std::vector<float>{1.0f, 2.0f});
+  const auto refused = Contains("moved from");
+  CHECK_THAT(error_of([&] { (void)reader.where(); }), refused);
+  CHECK_THAT(error_of([&] { (void)reader.names(); }), refused);
+  CHECK_THAT(error_of([&] { (void)reader.metadata(); }), refused);
+  CHECK_THAT(error_of([&] { (void)reader.contains("t"); }), refused);
+  CHECK_THAT(error_of([&] { (void)reader.record("t"); }), refused);
+  CHECK_THAT(error_of([&] { reader.require({"t"}); }), refused);
+  CHECK_THAT(error_of([&] { (void)reader.read<float>("t"); }), refused);
+  std::vector<float> dst(2);
+  CHECK_THAT(error_of([&] { reader.read_into("t", {2}, dst.data()); }), refused);
+  // Assigning a live reader revives it.
+  reader = moved;
+  CHECK(reader.read<float>("t") == std::vector<float>{1.0f, 2.0f});
+}

@@ -205,10 +205,12 @@ class ReversibleStack {
   }
   //! Number of modules, 2L: the module index of schedules, messages and reports.
   int num_modules() const { return 2 * num_layers(); }
-  //! Layer i, e.g. to reach its residual functions; throws std::out_of_range unless 0 <= i < L.
+  //! Layer i, e.g. to reach its residual functions; throws dr2net::Error naming the index unless 0 <= i < L.
   Block& layer(int i) {
     live("ReversibleStack::layer()");
-    return layers_.at(static_cast<std::size_t>(i));
+    DR2NET_CHECK(i >= 0 && i < num_layers(), "ReversibleStack::layer(): layer ", i, " out of range (the stack has ",
+                 num_layers(), " layers)");
+    return layers_[static_cast<std::size_t>(i)];
   }
   //! The stack's schedule, for a schedule with state to change. Change it between steps only:
   //! backward() reads the coefficients again and refuses a module that became non-reversible.

@@ -54,6 +54,7 @@
 #include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/half.hpp"
+#include "dr2net/core/moved_from.hpp"
 
 namespace dr2net::io {
 
@@ -424,13 +425,20 @@ class SafetensorsReader {
   }
 
   //! "safetensors file 'path'" for a reader made by from_file, else "safetensors data".
-  const std::string& where() const { return source_->where(); }
+  const std::string& where() const {
+    moved_.check("SafetensorsReader::where()");
+    return source_->where();
+  }
 
   //! The `__metadata__` entries (empty if the header has none).
-  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const std::map<std::string, std::string>& metadata() const {
+    moved_.check("SafetensorsReader::metadata()");
+    return metadata_;
+  }
 
   //! All tensor names, sorted.
   std::vector<std::string> names() const {
+    moved_.check("SafetensorsReader::names()");
     std::vector<std::string> out;
     out.reserve(records_.size());
     for (const auto& [name, rec] : records_) out.push_back(name);
@@ -438,10 +446,14 @@ class SafetensorsReader {
   }
 
   //! Whether a tensor called `name` exists.
-  bool contains(std::string_view name) const { return records_.find(name) != records_.end(); }
+  bool contains(std::string_view name) const {
+    moved_.check("SafetensorsReader::contains()");
+    return records_.find(name) != records_.end();
+  }
 
   //! The record of tensor `name`; throws "missing tensor 'name' in <where()>".
   const TensorRecord& record(std::string_view name) const {
+    moved_.check("SafetensorsReader::record()");
     const auto it = records_.find(name);
     DR2NET_CHECK(it != records_.end(), "missing tensor '", name, "' in ", where());
     return it->second;
@@ -449,6 +461,7 @@ class SafetensorsReader {
 
   //! Throws one error listing every name in `names` that is not present.
   void require(const std::vector<std::string>& names) const {
+    moved_.check("SafetensorsReader::require()");
     std::string missing;
     std::size_t count = 0;
     for (const auto& name : names) {
@@ -660,6 +673,7 @@ class SafetensorsReader {
   std::size_t data_start_ = 0;
   std::map<std::string, TensorRecord, std::less<>> records_;
   std::map<std::string, std::string> metadata_;
+  MovedFromGuard moved_;  // a moved-from reader has no source: every call refuses
 };
 
 //! Collects tensors and metadata, then serialises them as one checkpoint.

@@ -131,21 +131,25 @@ class AdamW {
     moved_.check("AdamW::parameters()");
     return params_;
   }
-  //! Whether parameter i gets weight decay.
+  //! Whether parameter i gets weight decay; throws dr2net::Error naming the index unless
+  //! i < parameters().size().
   bool decays(std::size_t i) const {
     moved_.check("AdamW::decays()");
-    return decays_.at(i);
+    check_index(i, "AdamW::decays()");
+    return decays_[i];
   }
   //! The first moment m of parameter i: parameters()[i].value.size() elements, zero before
-  //! the first step. Throws std::out_of_range unless i < parameters().size().
+  //! the first step. Throws dr2net::Error naming the index unless i < parameters().size().
   const T* first_moment(std::size_t i) const {
     moved_.check("AdamW::first_moment()");
-    return m_.at(i).data();
+    check_index(i, "AdamW::first_moment()");
+    return m_[i].data();
   }
   //! The second moment v of parameter i, as first_moment().
   const T* second_moment(std::size_t i) const {
     moved_.check("AdamW::second_moment()");
-    return v_.at(i).data();
+    check_index(i, "AdamW::second_moment()");
+    return v_[i].data();
   }
 
   //! One update of every parameter from its gradient at the current learning rate.
@@ -184,6 +188,10 @@ class AdamW {
   }
 
  private:
+  void check_index(std::size_t i, const char* call) const {
+    DR2NET_CHECK(i < params_.size(), call, ": parameter index ", i, " out of range (the optimizer holds ",
+                 params_.size(), " parameters)");
+  }
   static void check_options(const AdamWOptions& o) {
     DR2NET_CHECK(std::isfinite(o.lr) && o.lr >= 0, "AdamW: learning rate must be finite and >= 0, got ", o.lr);
     DR2NET_CHECK(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1, "AdamW: betas must lie in [0, 1), got ",
