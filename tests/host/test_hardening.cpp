@@ -356,3 +356,41 @@ TEST_CASE("indexed accessors name a bad index with a dr2net::Error", "[hardening
     CHECK_THROWS_AS(call(opt), dr2net::Error);
   }
 }
+
+#if defined(__SANITIZE_ADDRESS__)
+#define DR2NET_TEST_UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DR2NET_TEST_UNDER_ASAN 1
+#endif
+#endif
+
+TEST_CASE("parameters that fit one by one but not together are refused, naming the tensor", "[hardening]") {
+#ifdef DR2NET_TEST_UNDER_ASAN
+  WARN("not checked under AddressSanitizer, whose allocator reserves shadow memory for such requests");
+#else
+  const std::size_t physical = dr2net::detail::physical_memory_bytes();
+  if (physical == 0) {
+    WARN("not checked: the platform does not report its physical memory");
+    return;
+  }
+  // Value and gradient of 30% of the machine each: the first parameter holds 60% (untouched
+  // zero pages), a second would need 120%.
+  const auto elements = static_cast<std::int64_t>(physical / 10 * 3 / sizeof(float));
+  {
+    Parameter<float> first("blocks.0.mlp.fc1.weight", Shape{elements});
+    try {
+      Parameter<float> second("blocks.0.mlp.fc2.weight", Shape{elements});
+      FAIL("a model larger than the machine was created");
+    } catch (const Error& e) {
+      CHECK_THAT(std::string(e.what()), Catch::Contains("tensor 'blocks.0.mlp.fc2.weight'") &&
+                                            Catch::Contains("already hold") && Catch::Contains("physical memory"));
+    }
+    Parameter<float> small("blocks.0.norm1.weight", Shape{64});  // the refused one left nothing held
+    CHECK(small.size() == 64);
+  }
+  // Released storage is no longer counted: the same tensor can be made again.
+  Parameter<float> again("blocks.0.mlp.fc2.weight", Shape{elements});
+  CHECK(again.size() == static_cast<std::size_t>(elements));
+#endif
+}

@@ -4,6 +4,7 @@
 //! initialisation from a seed, and a shape-checked load for checkpoint loaders.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -52,11 +53,18 @@ inline std::size_t physical_memory_bytes() noexcept {
   return 0;
 }
 
+//! Bytes of parameter and gradient storage (ParameterArray) the process holds now.
+inline std::atomic<std::size_t>& live_parameter_bytes() noexcept {
+  static std::atomic<std::size_t> bytes{0};
+  return bytes;
+}
+
 //! A zero-filled host array of n elements of T for a parameter's value or gradient. The byte
 //! count is computed in checked arithmetic and the memory comes from calloc, which hands out
 //! zero pages without writing them, so a parameter too large for the machine fails at once,
 //! before anything is touched, with an error naming the tensor, its bytes and the category
-//! (never a bare std::bad_alloc). Not metered: whoever owns the parameters records their
+//! (never a bare std::bad_alloc); so does one that would take the parameter storage the
+//! process holds beyond the machine's physical memory. Not metered: whoever owns the parameters records their
 //! bytes once (a ReversibleStack, VitEmbedding, VitHead).
 template <class T>
 class ParameterArray {
@@ -76,15 +84,23 @@ class ParameterArray {
     DR2NET_CHECK(physical == 0 || bytes <= physical, "host out of memory: ", what, " needs ", bytes, " bytes (",
                  MemoryMeter::human_bytes(bytes), "), more than the machine's ", physical, " bytes (",
                  MemoryMeter::human_bytes(physical), ") of physical memory");
-    data_.reset(static_cast<T*>(std::calloc(size_, sizeof(T))));
-    DR2NET_CHECK(data_ != nullptr, "host out of memory allocating ", bytes, " bytes (", MemoryMeter::human_bytes(bytes),
-                 ") of ", what);
+    hold(bytes, physical, what.c_str());
+    data_ = std::unique_ptr<T, Free>(static_cast<T*>(std::calloc(size_, sizeof(T))), Free{bytes});
+    if (data_ == nullptr) {
+      live_parameter_bytes() -= bytes;
+      DR2NET_FAIL("host out of memory allocating ", bytes, " bytes (", MemoryMeter::human_bytes(bytes), ") of ", what);
+    }
   }
   //! A copy of the elements (layers are copied when a stack is built from a kept vector).
   ParameterArray(const ParameterArray& o) : size_(o.size_) {
     if (size_ == 0) return;
-    data_.reset(static_cast<T*>(std::malloc(size_ * sizeof(T))));  // size_ * sizeof(T) was checked for o
-    DR2NET_CHECK(data_ != nullptr, "host out of memory copying a parameter of ", size_ * sizeof(T), " bytes");
+    const std::size_t bytes = size_ * sizeof(T);  // checked when o was made
+    hold(bytes, physical_memory_bytes(), "a copy of a parameter");
+    data_ = std::unique_ptr<T, Free>(static_cast<T*>(std::malloc(bytes)), Free{bytes});
+    if (data_ == nullptr) {
+      live_parameter_bytes() -= bytes;
+      DR2NET_FAIL("host out of memory copying a parameter of ", bytes, " bytes");
+    }
     std::memcpy(data_.get(), o.data_.get(), size_ * sizeof(T));
   }
   ParameterArray& operator=(const ParameterArray& o) {
@@ -110,8 +126,25 @@ class ParameterArray {
   T* end() const noexcept { return data_.get() + size_; }
 
  private:
+  // Adds `bytes` to the parameter storage the process holds, refusing (and naming `what`) when
+  // the total would exceed the machine's memory: each tensor may fit while the model does not,
+  // and calloc's untouched pages would otherwise let the process be killed when they are filled.
+  static void hold(std::size_t bytes, std::size_t physical, const char* what) {
+    const std::size_t before = live_parameter_bytes().fetch_add(bytes);
+    if (physical != 0 && (before > physical || bytes > physical - before)) {
+      live_parameter_bytes() -= bytes;
+      DR2NET_FAIL("host out of memory: ", what, " needs ", bytes, " bytes (", MemoryMeter::human_bytes(bytes),
+                  ") while parameters and gradients already hold ", before, " bytes (",
+                  MemoryMeter::human_bytes(before), ") of the machine's ", physical, " bytes (",
+                  MemoryMeter::human_bytes(physical), ") of physical memory");
+    }
+  }
   struct Free {
-    void operator()(T* p) const noexcept { std::free(p); }
+    std::size_t bytes = 0;
+    void operator()(T* p) const noexcept {
+      live_parameter_bytes() -= bytes;
+      std::free(p);
+    }
   };
   std::unique_ptr<T, Free> data_;
   std::size_t size_ = 0;
