@@ -29,6 +29,7 @@
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/half.hpp"
 #include "dr2net/io/safetensors.hpp"
+#include "support/temp_dir.hpp"
 
 using dr2net::bf16_bits_to_float;
 using dr2net::double_to_bf16_bits;
@@ -715,27 +716,7 @@ TEST_CASE("safetensors: file errors name the path", "[safetensors]") {
 namespace {
 
 // A unique directory under the temp directory, removed with its content when it goes out of scope.
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    std::random_device rd;
-    path = std::filesystem::temp_directory_path() /
-           ("dr2net_test_dir_" + std::to_string(rd()) + "_" + std::to_string(rd()));
-    std::filesystem::create_directory(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  std::set<std::string> entries() const {
-    std::set<std::string> out;
-    for (const auto& e : std::filesystem::directory_iterator(path)) out.insert(e.path().filename().string());
-    return out;
-  }
-};
+using dr2net::testing::TempDir;
 
 std::vector<std::uint8_t> file_bytes(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);

@@ -33,14 +33,10 @@ function(run_checked what)
 endfunction()
 
 # ---- 1. the snippet is in the docs, verbatim ----------------------------------------------
+include(${CMAKE_CURRENT_LIST_DIR}/snippet_in_doc.cmake)
+dr2net_require_snippet_in_doc(check_consumer ${DOC} ${SNIPPET})
 file(READ ${SNIPPET} snippet)
 file(READ ${DOC} doc)
-string(FIND "${doc}" "```cmake\n${snippet}```" at)
-if(at EQUAL -1)
-  get_filename_component(snippet_name ${SNIPPET} NAME)
-  message(FATAL_ERROR "check_consumer: ${DOC} has no ```cmake block with exactly the text of "
-                      "${snippet_name}; the page and the tested snippet must match:\n${snippet}")
-endif()
 
 # The options the page documents: the rows of its options table, "| `DR2NET_...` |".
 string(REGEX MATCHALL "\n\\| `DR2NET_[A-Z0-9_]+` \\|" rows "${doc}")

@@ -23,6 +23,7 @@
 #include "dr2net/io/safetensors.hpp"
 #include "dr2net/modules/vit.hpp"
 #include "support/test_functors.hpp"
+#include "support/temp_dir.hpp"
 
 using namespace dr2net;
 namespace fs = std::filesystem;
@@ -134,19 +135,7 @@ struct ReferenceVit {
   }
 };
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("dr2net-test-" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using dr2net::testing::TempDir;
 
 void write_file(const std::string& path, const std::vector<std::uint8_t>& bytes) {
   std::ofstream f(path, std::ios::binary);

@@ -17,24 +17,13 @@
 
 #include "dr2net/data/idx.hpp"
 #include "vit_classifier.hpp"
+#include "support/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("dr2net-demo-" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using dr2net::testing::TempDir;
 
 //! A miniature Fashion-MNIST in `dir`: n images of h x w pixels per set, labels i mod 10.
 void write_data(const fs::path& dir, std::int64_t n, std::int64_t h, std::int64_t w) {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "dr2net/io/paths.hpp"
+#include "support/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 using dr2net::io::require_distinct_output;
@@ -15,18 +16,7 @@ using dr2net::io::same_file;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("dr2net-paths-" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using dr2net::testing::TempDir;
 
 void write(const fs::path& p, const std::string& text) { std::ofstream(p) << text; }
 
