@@ -1,5 +1,5 @@
 // What the README's quick start leaves to the reader: two residual functions, a way to load
-// the layers, the batch, the loss and the optimizer. Declared just enough for the snippet to
+// the layers, the batch and the loss. Declared just enough for the snippet to
 // compile as written.
 #pragma once
 
@@ -57,11 +57,5 @@ inline void embed_my_batch(std::vector<float>& h0) {
   for (std::size_t i = 0; i < h0.size(); ++i) h0[i] = 0.01f * static_cast<float>(i);
 }
 inline void compute_loss_gradient(const std::vector<float>& out, std::vector<float>& dout) { dout = out; }
-
-struct Optimizer {
-  template <class Value, class Grad>
-  void update(std::string_view, Value, Grad) {}
-};
-inline Optimizer my_optimizer;
 
 }  // namespace dr2net_snippet_uses::readme
