@@ -1054,3 +1054,23 @@ TEST_CASE("safetensors: a moved-from reader refuses every call", "[safetensors][
   reader = moved;
   CHECK(reader.read<float>("t") == std::vector<float>{1.0f, 2.0f});
 }
+
+TEST_CASE("safetensors: write_file refuses to replace a FIFO, or a link to one", "[safetensors][hardening]") {
+  // A device such as /dev/null is refused by the same check; a FIFO stands in for it here.
+  TempDir dir;
+  const auto fifo = (dir.path / "pipe").string();
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  const auto link = (dir.path / "link.safetensors").string();
+  std::filesystem::create_symlink(fifo, link);
+  SafetensorsWriter w;
+  w.add("t", DType::F32, {2}, std::vector<float>{1.0f, 2.0f});
+  for (const auto& target : {fifo, link}) {
+    INFO(target);
+    CHECK_THAT(error_of([&] { w.write_file(target); }), Contains(target) && Contains("not a regular file"));
+    struct stat st {};
+    REQUIRE(::stat(target.c_str(), &st) == 0);
+    CHECK(S_ISFIFO(st.st_mode));  // still the FIFO, not a checkpoint renamed over it
+  }
+  CHECK(std::filesystem::is_symlink(link));
+  CHECK(dir.entries() == std::set<std::string>{"pipe", "link.safetensors"});
+}

@@ -748,6 +748,10 @@ class SafetensorsWriter {
     struct stat old {};
     const bool replacing = ::stat(path.c_str(), &old) == 0;
     DR2NET_CHECK(!replacing || !S_ISDIR(old.st_mode), what, ": it is a directory");
+    // The rename below would put a regular file in place of a device, FIFO or socket
+    // (/dev/null included, for a user allowed to write /dev).
+    DR2NET_CHECK(!replacing || S_ISREG(old.st_mode), what, ": it exists and is not a regular file (a device, FIFO "
+                 "or socket), which a checkpoint must not replace");
 
     std::size_t data_size = 0;
     const std::string text = header_text(data_size);
