@@ -16,9 +16,12 @@
 // policy bit for bit (`bit_identical`).
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <optional>
@@ -133,6 +136,16 @@ std::optional<int> parse(int argc, char** argv, Options& o) {
   } catch (const dr2net::Error& e) {
     throw UsageError(e.detail());
   }
+  // An output that cannot be written is refused now, not after the whole grid has run.
+  for (const auto& [flag, path] : {std::pair<const char*, std::string>{"--json", o.json}, {"--png", o.png}}) {
+    if (path.empty()) continue;
+    namespace fs = std::filesystem;
+    const fs::path target(path), dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+    std::error_code ec;
+    DR2NET_CHECK(target.has_filename(), flag, " '", path, "': not a file name");
+    DR2NET_CHECK(fs::is_directory(dir, ec), flag, " '", path, "': directory '", dir.string(), "' does not exist");
+    DR2NET_CHECK(!fs::is_directory(target, ec), flag, " '", path, "': it is a directory");
+  }
   return std::nullopt;
 }
 
@@ -246,6 +259,17 @@ std::vector<Record> run(const Options& o, std::vector<std::pair<double, double>>
     file = io::SafetensorsReader::from_file(o.weights);
     cfg = io::infer_timm_vit_config(*file, o.num_heads);
   }
+  // The input, output and their gradients, in V and in fp64: refused by size before anything
+  // is built (a vector beyond memory would throw a bare std::bad_alloc, or be killed when filled).
+  const std::int64_t elements = checked::product({o.batch, o.tokens, cfg.dim}, "--batch x --tokens x D (the input)");
+  const auto n = static_cast<std::size_t>(elements);
+  const std::size_t input_bytes = checked::bytes(elements, 4 * (sizeof(V) + sizeof(double)),
+                                                 "--batch x --tokens x D (the inputs, outputs and their gradients)");
+  const std::size_t physical = dr2net::detail::physical_memory_bytes();
+  DR2NET_CHECK(physical == 0 || input_bytes <= physical, "--batch ", o.batch, " x --tokens ", o.tokens,
+               " x D ", cfg.dim, ": the inputs, outputs and their gradients need ", input_bytes, " bytes (",
+               MemoryMeter::human_bytes(input_bytes), "), more than the machine's ",
+               MemoryMeter::human_bytes(physical), " of physical memory");
   // The fidelity tool measures error landscapes: the guard warns (silently) instead of
   // throwing, and each record says whether the default guard would have tripped.
   const ReconstructionGuard default_guard{};
@@ -275,7 +299,6 @@ std::vector<Record> run(const Options& o, std::vector<std::pair<double, double>>
   }
 
   const Shape shape{o.batch, o.tokens, cfg.dim};
-  const auto n = static_cast<std::size_t>(shape.numel());
   std::mt19937_64 rng(o.seed + 1);
   std::normal_distribution<double> normal(0.0, 1.0);
   std::vector<V> h0(n), dout(n), out(n), dh0(n);
@@ -476,8 +499,10 @@ int main(int argc, char** argv) {
     }
     if (!o.json.empty()) {
       std::ofstream f(o.json);
-      if (!f) throw dr2net::Error("cannot write '" + o.json + "'", __FILE__, __LINE__);
+      DR2NET_CHECK(f.good(), "--json: cannot write '", o.json, "': ", std::strerror(errno));
       f << j.dump(1) << "\n";
+      f.close();  // a full disk shows only when the buffer is flushed
+      DR2NET_CHECK(!f.fail(), "--json: error writing '", o.json, "': ", std::strerror(errno));
     }
     if (!o.png.empty()) {
       // One heatmap: the first requested mode's worst parameter-gradient error.

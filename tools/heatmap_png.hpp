@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -63,9 +65,10 @@ class Image {
     chunk(out, "IDAT", z);
     chunk(out, "IEND", {});
     std::ofstream f(path, std::ios::binary);
-    DR2NET_CHECK(f.good(), "cannot write '", path, "'");
+    DR2NET_CHECK(f.good(), "cannot write '", path, "': ", std::strerror(errno));
     f.write(reinterpret_cast<const char*>(out.data()), static_cast<std::streamsize>(out.size()));
-    DR2NET_CHECK(f.good(), "error writing '", path, "'");
+    f.close();  // a full disk shows only when the buffer is flushed
+    DR2NET_CHECK(!f.fail(), "error writing '", path, "': ", std::strerror(errno));
   }
 
  private:
