@@ -636,3 +636,39 @@ TEST_CASE("dr2net-vjp: an --out that is one of the inputs is refused, and the in
   CHECK(ok.status == 0);
   CHECK(fs::exists(dir.file("r.safetensors")));
 }
+
+TEST_CASE("a checkpoint with tensors the stack has no place for is refused, naming them and the file",
+          "[checkpoint][hardening]") {
+  std::mt19937_64 rng(5);
+  const std::int64_t D = 8, H = 16;
+  const auto t = random_checkpoint(2, D, H, rng);
+  auto with = [&](const std::string& name, std::vector<std::int64_t> shape) {
+    io::SafetensorsWriter w;
+    w.set_metadata("num_heads", "2");
+    for (const auto& [n, values] : t) {
+      const std::string suffix = n.substr(n.find('.', 7) + 1);
+      for (const auto& [s, sh] : io::timm_block_tensors(D, H))
+        if (s == suffix) w.add(n, io::DType::F32, sh, values.data());
+    }
+    std::size_t count = 1;
+    for (auto e : shape) count *= static_cast<std::size_t>(e);
+    w.add(name, io::DType::F32, shape, std::vector<float>(count, 0.5f));
+    return io::SafetensorsReader::from_bytes(w.to_bytes());
+  };
+  // LayerScale and qk-norm change the block's function: leaving them out would be silently wrong.
+  for (const auto& [name, shape] : std::vector<std::pair<std::string, std::vector<std::int64_t>>>{
+           {"blocks.0.ls1.gamma", {D}}, {"blocks.1.attn.q_norm.weight", {D / 2}}, {"blocks.1", {1}}}) {
+    INFO(name);
+    CHECK_THROWS_WITH(io::infer_timm_vit_config(with(name, shape)),
+                      Catch::Contains("'" + name + "'") && Catch::Contains("not part of a plain timm ViT block") &&
+                          Catch::Contains("safetensors data"));
+  }
+  // A second spelling of block 0's index.
+  CHECK_THROWS_WITH(io::infer_timm_vit_config(with("blocks.00.norm1.weight", {D})),
+                    Catch::Contains("blocks.00.norm1.weight") && Catch::Contains("block index"));
+  // Tensors outside the blocks (an embedding, a head) stay allowed.
+  CHECK(io::infer_timm_vit_config(with("cls_token", {1, 1, D})).num_layers == 2);
+  // The head count's error says where the count came from and names the file.
+  CHECK_THROWS_WITH(io::infer_timm_vit_config(with("cls_token", {1, 1, D}), 3),
+                    Catch::Contains("num_heads = 3 (given)") && Catch::Contains("safetensors data"));
+}

@@ -103,19 +103,34 @@ inline std::vector<std::pair<std::string, std::vector<std::int64_t>>> timm_block
           {"mlp.fc1.bias", {H}},       {"mlp.fc2.weight", {D, H}}, {"mlp.fc2.bias", {D}}};
 }
 
-//! Reads L, D, H from a checkpoint of timm ViT blocks and the head count from the metadata
-//! entry "num_heads" (or `num_heads` when given, which wins). Everything is checked: block
-//! indices 0..L-1 without gaps, every tensor of every block present, every shape consistent
-//! with block 0's width and MLP width, and D divisible by the head count.
-inline TimmVitConfig infer_timm_vit_config(const SafetensorsReader& file, std::optional<int> num_heads = std::nullopt) {
+namespace detail {
+
+inline TimmVitConfig infer_timm_vit_config(const SafetensorsReader& file, std::optional<int> num_heads) {
   std::map<int, int> blocks;  // index -> tensors seen
+  const auto known = timm_block_tensors(1, 1);
+  std::vector<std::string> unknown;
   for (const auto& name : file.names()) {
     if (name.rfind("blocks.", 0) != 0) continue;
     const auto dot = name.find('.', 7);
     const std::string index = name.substr(7, dot == std::string::npos ? std::string::npos : dot - 7);
-    DR2NET_CHECK(!index.empty() && index.size() <= 6 && std::all_of(index.begin(), index.end(), [](char ch) { return ch >= '0' && ch <= '9'; }),
+    // "blocks.01" would be read as block 1 beside the real blocks.1: one spelling per index.
+    DR2NET_CHECK(!index.empty() && index.size() <= 6 && (index.size() == 1 || index[0] != '0') &&
+                     std::all_of(index.begin(), index.end(), [](char ch) { return ch >= '0' && ch <= '9'; }),
                  "checkpoint tensor '", name, "' does not have a block index after 'blocks.'");
     ++blocks[std::stoi(index)];
+    // A tensor the stack has no place for (LayerScale's ls1.gamma, qk-norm's attn.q_norm.*) would
+    // change the block's function if it were silently left out.
+    const std::string suffix = dot == std::string::npos ? std::string() : name.substr(dot + 1);
+    if (std::none_of(known.begin(), known.end(), [&](const auto& k) { return k.first == suffix; }))
+      unknown.push_back(name);
+  }
+  if (!unknown.empty()) {
+    std::string list;
+    for (std::size_t i = 0; i < unknown.size() && i < 8; ++i) list += (i == 0 ? "'" : ", '") + unknown[i] + "'";
+    if (unknown.size() > 8) list += " and " + std::to_string(unknown.size() - 8) + " more";
+    DR2NET_FAIL(unknown.size(), " tensor(s) under 'blocks.' are not part of a plain timm ViT block (norm1, ",
+                "attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2; no LayerScale or qk-norm), so the stack cannot ",
+                "compute the checkpoint's function: ", list);
   }
   DR2NET_CHECK(!blocks.empty(), "checkpoint holds no 'blocks.{i}.*' tensors (timm ViT names expected)");
   TimmVitConfig c;
@@ -169,8 +184,24 @@ inline TimmVitConfig infer_timm_vit_config(const SafetensorsReader& file, std::o
     }
   }
   DR2NET_CHECK(c.num_heads > 0 && c.dim % c.num_heads == 0, "num_heads = ", c.num_heads,
-               " does not divide the width D = ", c.dim);
+               num_heads ? " (given)" : " (metadata)", " does not divide the width D = ", c.dim);
   return c;
+}
+
+}  // namespace detail
+
+//! Reads L, D, H from a checkpoint of timm ViT blocks and the head count from the metadata
+//! entry "num_heads" (or `num_heads` when given, which wins). Everything is checked: block
+//! indices 0..L-1 without gaps (each spelled without leading zeros), every tensor of every
+//! block present and no other tensor under `blocks.` (a LayerScale or qk-norm tensor would
+//! change the function the stack computes), every shape consistent with block 0's width and
+//! MLP width, and D divisible by the head count. Errors name the file.
+inline TimmVitConfig infer_timm_vit_config(const SafetensorsReader& file, std::optional<int> num_heads = std::nullopt) {
+  try {
+    return detail::infer_timm_vit_config(file, num_heads);
+  } catch (const Error& e) {
+    DR2NET_FAIL("timm ViT blocks in ", file.where(), ": ", e.detail());
+  }
 }
 
 }  // namespace dr2net::io
