@@ -302,6 +302,24 @@ int run(const Options& o) {
                o.data_dir, "' (", dr2net::data::kFashionMnistFiles[0], "): images are ", fmnist.train.height, "x",
                fmnist.train.width, "; this example's ViT needs square images whose side is a multiple of its patch ",
                mc.patch);
+  // Checked before anything runs: a test set without images would report an accuracy of NaN,
+  // and a training set smaller than one batch would fail only once its stage began.
+  struct UsedSet {
+    const char* what;
+    const LabelledImages* set;
+    std::size_t file;  // index into kFashionMnistFiles
+    bool trained;
+  };
+  for (const UsedSet& u : {UsedSet{"training images of classes 0-4", &pre_train, 0, true},
+                           UsedSet{"test images of classes 0-4", &pre_test, 2, false},
+                           UsedSet{"training images of classes 5-9", &fine_train, 0, true},
+                           UsedSet{"test images of classes 5-9", &fine_test, 2, false}}) {
+    if (o.skip_pretrain && (u.set == &pre_train || u.set == &pre_test)) continue;
+    DR2NET_CHECK(u.set->size() > 0, "Fashion-MNIST in '", o.data_dir, "' (", dr2net::data::kFashionMnistFiles[u.file],
+                 ") holds no ", u.what);
+    DR2NET_CHECK(!u.trained || u.set->size() >= o.batch, "--batch ", o.batch, " is larger than the ", u.set->size(), " ",
+                 u.what, " in '", o.data_dir, "'");
+  }
   std::printf("dr2net 02_vit_finetune: ViT %lldx%lld images, patch %lld (%lld tokens), D = %lld, %lld heads, MLP %lld, "
               "%d layers; host GEMM: %s\n",
               static_cast<long long>(mc.image), static_cast<long long>(mc.image), static_cast<long long>(mc.patch),

@@ -143,3 +143,44 @@ TEST_CASE("VitClassifier refuses a batch of images of another size than its conf
                     Catch::Matchers::Contains("holds 1568 values") && Catch::Matchers::Contains("32x32"));
   CHECK_THROWS_WITH(model.predict_correct(images, labels, 0), Catch::Matchers::Contains("holds 1568 values"));
 }
+
+TEST_CASE("the demo refuses, before training, data without images of a class range it uses", "[demo][hardening]") {
+  TempDir dir;
+  const fs::path data = dir.path / "data";
+  write_data(data, 20, 28, 28);
+  const std::string out = " > " + dir.file("stdout.txt");
+  auto stdout_text = [&] {
+    std::ifstream f(dir.file("stdout.txt"));
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+  };
+  SECTION("a test set without classes 5-9: its accuracy would be NaN") {
+    std::vector<std::uint8_t> px(20 * 28 * 28, 7), lb(20);
+    for (std::size_t i = 0; i < lb.size(); ++i) lb[i] = static_cast<std::uint8_t>(i % 5);
+    dr2net::data::write_idx((data / "t10k-images-idx3-ubyte.gz").string(), {20, 28, 28}, px,
+                            dr2net::data::IdxCompression::Gzip);
+    dr2net::data::write_idx((data / "t10k-labels-idx1-ubyte.gz").string(), {20}, lb, dr2net::data::IdxCompression::Gzip);
+    const int rc = std::system((std::string(DR2NET_DEMO_PATH) + " --data " + data.string() + " --out " +
+                                dir.file("c.safetensors") + " --pretrain-epochs 1 --finetune-epochs 1 --batch 4" + out +
+                                " 2> " + dir.file("stderr.txt"))
+                                   .c_str());
+    std::ifstream f(dir.file("stderr.txt"));
+    std::stringstream err;
+    err << f.rdbuf();
+    INFO(err.str());
+    CHECK((WIFEXITED(rc) ? WEXITSTATUS(rc) : -1) == 1);
+    CHECK(err.str().find("t10k-images-idx3-ubyte.gz") != std::string::npos);
+    CHECK(err.str().find("holds no test images of classes 5-9") != std::string::npos);
+    CHECK(stdout_text().find("nan") == std::string::npos);
+    CHECK(stdout_text().find("stage 1") == std::string::npos);  // refused before pretraining
+    CHECK(!fs::exists(dir.file("c.safetensors")));
+  }
+  SECTION("a batch larger than a training set is refused naming --batch, before pretraining") {
+    const auto r = run_demo(dir, "--data " + data.string() + " --out " + dir.file("c.safetensors") + " --batch 11");
+    INFO(r.err);
+    CHECK(r.status == 1);
+    CHECK(r.err.find("--batch 11 is larger than the 10 training images of classes 0-4") != std::string::npos);
+    CHECK(!fs::exists(dir.file("c.safetensors")));
+  }
+}
