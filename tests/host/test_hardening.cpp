@@ -344,6 +344,10 @@ TEST_CASE("indexed accessors name a bad index with a dr2net::Error", "[hardening
   CHECK_THROWS_AS(stack.layer(2), dr2net::Error);
   CHECK_THROWS_WITH(stack.layer(-1), Catch::Contains("layer -1 out of range"));
   CHECK_THROWS_AS(stack.layer(-1), dr2net::Error);
+  // Two layers are four modules: a module index past them is named, not answered from the schedule.
+  CHECK_NOTHROW(stack.coefficients(0, 3));
+  CHECK_THROWS_WITH(stack.coefficients(0, 4), Catch::Contains("module 4 out of range") && Catch::Contains("4 modules"));
+  CHECK_THROWS_WITH(stack.coefficients(0, -1), Catch::Contains("module -1 out of range"));
 
   std::vector<float> w(4, 1.0f), g(4, 0.5f);
   std::vector<NamedParameter<float>> params{{"w", TensorView<float>(w.data(), Shape{4}), TensorView<float>(g.data(), Shape{4})}};

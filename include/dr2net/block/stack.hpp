@@ -271,9 +271,12 @@ class ReversibleStack {
   }
 
   //! Coefficients of `module` at `step`, as the arithmetic uses them (for fixed-point streams:
-  //! the schedule's values rounded to the 2^-24 grid).
+  //! the schedule's values rounded to the 2^-24 grid). Throws dr2net::Error naming `module`
+  //! unless 0 <= module < num_modules().
   Coefficients coefficients(std::int64_t step, int module) const {
     live("ReversibleStack::coefficients()");
+    DR2NET_CHECK(module >= 0 && module < num_modules(), "ReversibleStack::coefficients(): module ", module,
+                 " out of range: the stack has ", num_modules(), " modules (0 to ", num_modules() - 1, ")");
     return Block::coefficients(schedule_, step, module);
   }
 
