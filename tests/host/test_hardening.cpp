@@ -398,3 +398,23 @@ TEST_CASE("parameters that fit one by one but not together are refused, naming t
   CHECK(again.size() == static_cast<std::size_t>(elements));
 #endif
 }
+
+TEST_CASE("a mode or output outside its enumeration is refused by the stack, naming the value", "[hardening]") {
+  std::uint64_t seed = 0;
+  auto rng = dr2net::testing::fresh_rng(seed);
+  INFO("seed " << seed);
+  HostContext ctx;
+  const auto bad_mode = static_cast<BackpropMode>(7);
+  const auto bad_output = static_cast<StackOutput>(7);
+  CHECK_THROWS_WITH(ReversibleStack<UserBlock<Fp32>>(ctx, user_layers<Fp32>(2, 4, rng), ConstantSchedule(0.0, 1.0),
+                                                     {.mode = bad_mode}),
+                    Catch::Contains("BackpropMode value 7"));
+  CHECK_THROWS_WITH(ReversibleStack<UserBlock<Fp32>>(ctx, user_layers<Fp32>(2, 4, rng), ConstantSchedule(0.0, 1.0),
+                                                     {.output = bad_output}),
+                    Catch::Contains("StackOutput value 7"));
+  ReversibleStack<UserBlock<Fp32>> stack(ctx, user_layers<Fp32>(2, 4, rng), ConstantSchedule(0.0, 1.0));
+  CHECK_THROWS_WITH(stack.set_mode(bad_mode), Catch::Contains("BackpropMode value 7"));
+  CHECK_THROWS_WITH(stack.set_output(bad_output), Catch::Contains("StackOutput value 7"));
+  CHECK(stack.mode() == BackpropMode::Reversible);  // unchanged
+  CHECK(stack.options().output == StackOutput::LastStream);
+}

@@ -89,7 +89,8 @@ struct ErrorBoundOptions {
 };
 
 //! Settings of a ReversibleStack. The constructor (and set_error_bound() and set_guard() for
-//! their parts) validates them and throws dr2net::Error unless min_abs_beta > 0, the
+//! their parts, set_mode() and set_output() for theirs) validates them and throws
+//! dr2net::Error unless mode and output are values of their enumerations, min_abs_beta > 0, the
 //! error_bound values lie in range (stream_tolerance > 0, planning_margin in (0, 1],
 //! lipschitz >= 0, initial_error_scale > 0, error_scale_decay in (0, 1]) and
 //! guard.max_relative_error > 0.
@@ -238,12 +239,14 @@ class ReversibleStack {
   //! Switching mode discards a pending forward.
   void set_mode(BackpropMode m) {
     live("ReversibleStack::set_mode()");
+    check_mode(m);
     options_.mode = m;
     state_ = State::Idle;
   }
   //! Sets what forward() and predict() write to `out`; discards a pending forward.
   void set_output(StackOutput o) {
     live("ReversibleStack::set_output()");
+    check_output(o);
     options_.output = o;
     state_ = State::Idle;
   }
@@ -413,6 +416,8 @@ class ReversibleStack {
   enum StackFlag : int { kFlagInput = 0, kFlagOutput, kFlagDout, kFlagDh0, kFlagParameterGradients, kStackFlagCount };
 
   static void check_options(const StackOptions& o) {
+    check_mode(o.mode);
+    check_output(o.output);
     DR2NET_CHECK(o.min_abs_beta > 0, "min_abs_beta must be positive, got ", o.min_abs_beta);
     const auto& eb = o.error_bound;
     DR2NET_CHECK(eb.stream_tolerance > 0 && eb.planning_margin > 0 && eb.planning_margin <= 1 && eb.lipschitz >= 0 &&
@@ -422,6 +427,16 @@ class ReversibleStack {
                  ", decay ", eb.error_scale_decay);
     DR2NET_CHECK(o.guard.max_relative_error > 0, "guard.max_relative_error must be positive, got ",
                  o.guard.max_relative_error);
+  }
+
+  // A value cast from outside the enumeration would run some branch's arithmetic unannounced.
+  static void check_mode(BackpropMode m) {
+    DR2NET_CHECK(mode_name(m) != "unknown", "BackpropMode value ", static_cast<int>(m),
+                 " is not Reversible, ErrorBounded or Standard");
+  }
+  static void check_output(StackOutput out) {
+    DR2NET_CHECK(out == StackOutput::LastStream || out == StackOutput::MeanOfStreams, "StackOutput value ",
+                 static_cast<int>(out), " is not LastStream or MeanOfStreams");
   }
 
   //! Refuses any call on a stack that was moved from (its layers and buffers went with the move).
