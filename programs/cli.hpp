@@ -90,8 +90,9 @@ inline CLI::Validator finite(double lo = -std::numeric_limits<double>::infinity(
                              double hi = std::numeric_limits<double>::infinity(), bool open_low = false) {
   std::string range;
   if (std::isfinite(lo) || std::isfinite(hi))
-    range = std::string(open_low ? "(" : "[") + (std::isfinite(lo) ? detail::number_text(lo) : "-inf") + ", " +
-            (std::isfinite(hi) ? detail::number_text(hi) : "inf") + "]";
+    range = std::string(open_low || !std::isfinite(lo) ? "(" : "[") +
+            (std::isfinite(lo) ? detail::number_text(lo) : "-inf") + ", " +
+            (std::isfinite(hi) ? detail::number_text(hi) + "]" : std::string("inf)"));  // infinities are refused
   return CLI::Validator(
       [lo, hi, open_low, range](std::string& text) -> std::string {
         const auto v = detail::to_finite(text);

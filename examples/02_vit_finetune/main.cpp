@@ -422,8 +422,11 @@ int main(int argc, char** argv) {
   }
   try {
     return run(o);
+  } catch (const dr2net::Error& e) {
+    std::fprintf(stderr, "02_vit_finetune: %s\n", e.detail().c_str());
+    return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s\n", e.what());
+    std::fprintf(stderr, "02_vit_finetune: %s\n", e.what());
     return 1;
   }
 }
