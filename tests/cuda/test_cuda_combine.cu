@@ -429,6 +429,14 @@ int main() {
       GPU_CHECK(m.find("test_cuda_combine.cu:") != std::string::npos, m);
     }
     GPU_CHECK(thrown);
+    // The check cleared what the failed call left pending: the next launch check must not
+    // report it under a kernel's name.
+    const cudaError_t pending = cudaPeekAtLastError();
+    GPU_CHECK(pending == cudaSuccess, std::string("still pending after the check: ") + cudaGetErrorName(pending));
+    (void)cudaGetLastError();  // whatever the check left, so the cases below start clean
+    auto ones = ctx.allocate<float>(16, MemoryCategory::Other);
+    for_each_index(ctx, ones.size(), Fill<float>{ones.data(), 1.0f});  // its launch check finds nothing
+    ctx.synchronize();
     thrown = false;
     try {
       DR2NET_CUBLAS_CHECK(cublasSetStream(nullptr, ctx.stream()));

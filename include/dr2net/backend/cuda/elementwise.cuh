@@ -79,15 +79,16 @@ void for_each_index(CudaContext& ctx, std::size_t n, const Fn& fn) {
       const std::size_t head = std::min<std::size_t>(n, static_cast<std::size_t>((V - phase) % V));
       const std::size_t vectors = (n - head) / static_cast<std::size_t>(V);
       const std::size_t work = std::max<std::size_t>(vectors, static_cast<std::size_t>(V));
-      cuda_detail::vectorized_kernel<Fn>
-          <<<cuda_detail::grid_for(ctx, work), cuda_detail::kElementwiseThreads, 0, ctx.stream()>>>(fn, n, head, vectors);
-      DR2NET_CUDA_CHECK_LAUNCH("dr2net vectorized elementwise kernel");
+      DR2NET_CUDA_LAUNCH("dr2net vectorized elementwise kernel",
+                         cuda_detail::vectorized_kernel<Fn><<<cuda_detail::grid_for(ctx, work),
+                                                              cuda_detail::kElementwiseThreads, 0, ctx.stream()>>>(
+                             fn, n, head, vectors));
       return;
     }
   }
-  cuda_detail::elementwise_kernel<Fn>
-      <<<cuda_detail::grid_for(ctx, n), cuda_detail::kElementwiseThreads, 0, ctx.stream()>>>(fn, n);
-  DR2NET_CUDA_CHECK_LAUNCH("dr2net elementwise kernel");
+  DR2NET_CUDA_LAUNCH("dr2net elementwise kernel",
+                     cuda_detail::elementwise_kernel<Fn>
+                     <<<cuda_detail::grid_for(ctx, n), cuda_detail::kElementwiseThreads, 0, ctx.stream()>>>(fn, n));
 }
 
 //! for_each_index without the vectorised path: always one fn(i) per element, whatever
@@ -96,9 +97,9 @@ void for_each_index(CudaContext& ctx, std::size_t n, const Fn& fn) {
 template <class Fn>
 void for_each_index_scalar(CudaContext& ctx, std::size_t n, const Fn& fn) {
   if (n == 0) return;
-  cuda_detail::elementwise_kernel<Fn>
-      <<<cuda_detail::grid_for(ctx, n), cuda_detail::kElementwiseThreads, 0, ctx.stream()>>>(fn, n);
-  DR2NET_CUDA_CHECK_LAUNCH("dr2net elementwise kernel");
+  DR2NET_CUDA_LAUNCH("dr2net elementwise kernel",
+                     cuda_detail::elementwise_kernel<Fn>
+                     <<<cuda_detail::grid_for(ctx, n), cuda_detail::kElementwiseThreads, 0, ctx.stream()>>>(fn, n));
 }
 
 }  // namespace dr2net
