@@ -4,6 +4,8 @@
 //! and one allocator (the device's stream-ordered cudaMallocAsync pool) through which every
 //! library allocation goes, metered by the same categories as the host backend. The meter,
 //! not nvidia-smi, is where peak bytes come from. Host twin: backend/host/context.hpp.
+//! The context leaves the thread's current device and the pool's settings as it found them
+//! (backend/cuda/device_scope.hpp).
 //! Host-compilable (needs the CUDA toolkit's headers, not nvcc); kernels live in *.cuh.
 
 #include <cublasLt.h>
@@ -21,6 +23,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "dr2net/backend/cuda/device_scope.hpp"
 #include "dr2net/backend/cuda/error.hpp"
 #include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
@@ -29,13 +32,54 @@
 
 namespace dr2net {
 
+namespace cuda_detail {
+
+//! The runtime's current device, for BasicDeviceScope.
+struct RuntimeDeviceApi {
+  int current() const {
+    int d = 0;
+    DR2NET_CUDA_CHECK(cudaGetDevice(&d));
+    return d;
+  }
+  void make_current(int device) const { DR2NET_CUDA_CHECK(cudaSetDevice(device)); }
+  void restore(int device) const noexcept {
+    if (cudaSetDevice(device) != cudaSuccess) (void)cudaGetLastError();  // nothing left pending
+  }
+};
+
+//! The process's one record of raised pool release thresholds (see ReleaseThresholdShare).
+inline ReleaseThresholdShare<cudaMemPool_t>& release_threshold_share() {
+  static ReleaseThresholdShare<cudaMemPool_t> share;
+  return share;
+}
+
+}  // namespace cuda_detail
+
+//! Makes a CUDA device the calling thread's current device for the scope's lifetime, then
+//! makes the previously current one current again (no call when they are the same). Kernel
+//! launches and cuBLAS calls on a context need its device current: hold one of these
+//! (CudaContext::device_scope()) around work on a context whose device is not the thread's
+//! current one. Throws dr2net::Error when the device cannot be made current.
+class CudaDeviceScope {
+ public:
+  //! Makes `device` current until the scope ends.
+  explicit CudaDeviceScope(int device) : scope_({}, device) {}
+  //! The device that was current before the scope.
+  int previous() const noexcept { return scope_.previous(); }
+
+ private:
+  cuda_detail::BasicDeviceScope<cuda_detail::RuntimeDeviceApi> scope_;
+};
+
 //! Settings of a CudaContext, fixed when it is constructed.
 struct CudaContextOptions {
   int device = 0;  //!< CUDA device ordinal
   //! Fill every new non-integer allocation with all-one bytes (NaN in fp64/fp32/bf16/fp16),
   //! so device code that reads memory nobody wrote shows NaN in results. Tests turn it on.
   bool poison_allocations = false;
-  //! Bytes of cuBLASLt workspace (allocated on first GEMM, metered as Other).
+  //! Bytes of the GEMM workspace that cuBLASLt (each matmul) and cuBLAS (cublasSetWorkspace)
+  //! share, allocated through the context on first GEMM and metered as Other. 32 MiB is what
+  //! cuBLAS recommends on Hopper (4 MiB on older GPUs); 0 runs both libraries without one.
   std::size_t gemm_workspace_bytes = std::size_t{32} << 20;
 };
 
@@ -103,37 +147,61 @@ class DeviceBuffer {
 //! Resources of the CUDA backend. Not copyable or movable: buffers point back to it.
 class CudaContext {
  public:
-  //! Opens device `options.device`: makes it the calling thread's current device, sets its
-  //! default memory pool to keep freed blocks (release threshold unlimited), and creates a
-  //! non-blocking stream (no implicit synchronisation with the legacy default stream). The cuBLAS
-  //! handles and the GEMM workspace are created later, on first use. Throws dr2net::Error when no
-  //! CUDA device is usable (the CUDA error string, or a device count of 0), when the ordinal is out of
-  //! range, or when any of these CUDA calls fails.
+  //! Opens device `options.device`: sets its default memory pool to keep freed blocks (release
+  //! threshold unlimited, while any context uses the pool: the last one to end restores what
+  //! it found), and creates a non-blocking stream (no implicit synchronisation with the legacy
+  //! default stream). The cuBLAS handles and the GEMM workspace are created later, on first
+  //! use. The device is current only while the constructor runs: the caller's current device
+  //! is restored (see device_scope() for the rule on later calls). Throws dr2net::Error when
+  //! no CUDA device is usable (the CUDA error string, or a device count of 0), when the
+  //! ordinal is out of range, or when any of these CUDA calls fails; no error is left pending.
   explicit CudaContext(CudaContextOptions options = {}) : options_(options) {
     int count = 0;
     const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) (void)cudaGetLastError();  // reported here, not by the next check
     DR2NET_CHECK(e == cudaSuccess && count > 0, "no usable CUDA device: ",
                  e == cudaSuccess ? std::string("device count is 0") : cuda_detail::describe(e));
     DR2NET_CHECK(options.device >= 0 && options.device < count, "CUDA device ", options.device,
                  " requested but only ", count, " present");
-    DR2NET_CUDA_CHECK(cudaSetDevice(options.device));
+    const CudaDeviceScope scope(options.device);
     DR2NET_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, options.device));
-    DR2NET_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool_, options.device));
+    cudaMemPool_t pool = nullptr;
+    DR2NET_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, options.device));
     // Keep freed blocks in the pool (no trimming at every synchronisation): the meter counts
     // what the library holds; the pool reuses what it has freed.
-    std::uint64_t keep = std::numeric_limits<std::uint64_t>::max();
-    DR2NET_CUDA_CHECK(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep));
-    DR2NET_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    cuda_detail::release_threshold_share().acquire(
+        pool, std::numeric_limits<std::uint64_t>::max(),
+        [pool] {
+          std::uint64_t v = 0;
+          DR2NET_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &v));
+          return v;
+        },
+        [pool](std::uint64_t v) {
+          DR2NET_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &v));
+        });
+    pool_ = pool;  // from here on the destructor lets go of the threshold
+    try {
+      DR2NET_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    } catch (...) {
+      release_pool();
+      throw;
+    }
   }
   CudaContext(const CudaContext&) = delete;
   CudaContext& operator=(const CudaContext&) = delete;
+  //! Frees what the context holds (on its device, restoring the caller's current device),
+  //! waits for its stream, and gives back its hold on the pool's release threshold. Errors are
+  //! swallowed (a destructor does not throw) and leave nothing pending but a sticky error.
   ~CudaContext() {
+    const cuda_detail::BasicDeviceScope<QuietDeviceApi> scope({}, options_.device);
     extensions_.clear();
-    workspace_.reset();
     if (lt_) cublasLtDestroy(lt_);
     if (blas_) cublasDestroy(blas_);
-    cudaStreamSynchronize(stream_);
-    cudaStreamDestroy(stream_);
+    workspace_.reset();  // after the handles that use it; freed in stream order
+    (void)cudaStreamSynchronize(stream_);
+    (void)cudaStreamDestroy(stream_);
+    release_pool();
+    (void)cudaGetLastError();
   }
 
   //! The byte accounting of every metered allocation and reservation made through this context
@@ -150,33 +218,59 @@ class CudaContext {
   cudaStream_t stream() const noexcept { return stream_; }
   //! CUDA ordinal of the device the context opened.
   int device() const noexcept { return options_.device; }
+  //! Makes the context's device current until the returned scope ends, then the caller's.
+  //! The rule: the context makes its device current only around its own calls (construction,
+  //! allocation, frees, handle creation, destruction); kernel launches and cuBLAS calls made
+  //! on it (the library's functions, the stack) need the device current on the calling
+  //! thread. With one device (ordinal 0, every thread's default) nothing is to do; with
+  //! several, hold `const auto scope = ctx.device_scope();` around the work on each context.
+  CudaDeviceScope device_scope() const { return CudaDeviceScope(options_.device); }
   //! Streaming multiprocessors of that device (queried once at construction), used to size grids.
   int multiprocessor_count() const noexcept { return sm_count_; }
 
   //! Waits for everything queued on the context's stream; throws what a kernel raised.
   void synchronize() const { DR2NET_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
-  //! The cuBLAS handle (created on first use, bound to the stream).
+  //! The cuBLAS handle (created on first use on the context's device, bound to the stream).
+  //! Its kernels use the context's metered GEMM workspace (gemm_workspace(), set with
+  //! cublasSetWorkspace after cublasSetStream, which resets it), never cuBLAS's own pool; what
+  //! cuBLAS itself allocates for the handle when it is created (its default workspace pool,
+  //! sized by the CUBLAS_WORKSPACE_CONFIG environment variable) is outside the meter.
   cublasHandle_t blas() {
     if (!blas_) {
-      DR2NET_CUBLAS_CHECK(cublasCreate(&blas_));
-      DR2NET_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
+      void* workspace = gemm_workspace();
+      const CudaDeviceScope scope(options_.device);
+      cublasHandle_t h = nullptr;
+      DR2NET_CUBLAS_CHECK(cublasCreate(&h));
+      try {
+        DR2NET_CUBLAS_CHECK(cublasSetStream(h, stream_));
+        DR2NET_CUBLAS_CHECK(cublasSetWorkspace(h, workspace, workspace_.size()));
+      } catch (...) {
+        cublasDestroy(h);
+        throw;
+      }
+      blas_ = h;
     }
     return blas_;
   }
-  //! The cuBLASLt handle (created on first use).
+  //! The cuBLASLt handle (created on first use, on the context's device).
   cublasLtHandle_t blas_lt() {
-    if (!lt_) DR2NET_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    if (!lt_) {
+      const CudaDeviceScope scope(options_.device);
+      DR2NET_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    }
     return lt_;
   }
-  //! The cuBLASLt workspace, allocated on first use through the context (category Other).
+  //! The GEMM workspace, allocated on first use through the context (category Other): each
+  //! cublasLtMatmul is given it, and the cuBLAS handle uses it (cublasSetWorkspace). Both
+  //! libraries run on the context's one stream, in order, so they never use it at once.
   void* gemm_workspace() {
     if (workspace_.empty() && options_.gemm_workspace_bytes > 0)
       workspace_ = allocate<std::byte>(options_.gemm_workspace_bytes, MemoryCategory::Other);
     return workspace_.data();
   }
-  //! Bytes of the cuBLASLt workspace allocated so far: 0 until gemm_workspace() is first called,
-  //! then CudaContextOptions::gemm_workspace_bytes.
+  //! Bytes of the GEMM workspace allocated so far: 0 until gemm_workspace() (or blas()) is
+  //! first called, then CudaContextOptions::gemm_workspace_bytes.
   std::size_t gemm_workspace_bytes() const noexcept { return workspace_.size(); }
 
   //! The context's one object of type X, default-constructed on first use and destroyed with
@@ -231,12 +325,13 @@ class CudaContext {
     DeviceBuffer<T> b;
     if (count == 0) return b;
     const std::size_t bytes = checked::bytes(checked::to_int64(count, what), sizeof(T), what);
+    const CudaDeviceScope scope(options_.device);
     void* p = nullptr;
     const cudaError_t e = cudaMallocFromPoolAsync(&p, bytes, pool_, stream_);
     if (e != cudaSuccess) {
       (void)cudaGetLastError();  // clear the (non-sticky) error so the context stays usable
       std::size_t free_b = 0, total_b = 0;
-      (void)cudaMemGetInfo(&free_b, &total_b);
+      if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) (void)cudaGetLastError();
       DR2NET_FAIL("device out of memory allocating ", bytes, " bytes (", MemoryMeter::human_bytes(bytes), ") of ",
                   category_name(category), " for ", what, " while the meter holds ", meter_.current_total(),
                   " bytes (", cuda_detail::describe(e), "; device reports ", free_b, " of ", total_b, " bytes free)");
@@ -254,8 +349,35 @@ class CudaContext {
   }
 
   void release(void* p, MemoryCategory category, std::size_t bytes, bool metered) noexcept {
-    (void)cudaFreeAsync(p, stream_);
+    {
+      const cuda_detail::BasicDeviceScope<QuietDeviceApi> scope({}, options_.device);
+      if (cudaFreeAsync(p, stream_) != cudaSuccess) (void)cudaGetLastError();  // nothing left pending
+    }
     if (metered) meter_.remove(category, bytes);
+  }
+
+  //! The current device for noexcept paths (frees, the destructor): failures are cleared and
+  //! ignored (a device that cannot be made current leaves the caller's as it was).
+  struct QuietDeviceApi {
+    int current() const noexcept {
+      int d = 0;
+      if (cudaGetDevice(&d) != cudaSuccess) (void)cudaGetLastError();
+      return d;
+    }
+    void make_current(int device) const noexcept { restore(device); }
+    void restore(int device) const noexcept {
+      if (cudaSetDevice(device) != cudaSuccess) (void)cudaGetLastError();
+    }
+  };
+
+  //! Gives back this context's hold on the pool's release threshold (once).
+  void release_pool() noexcept {
+    if (!pool_) return;
+    const cudaMemPool_t pool = pool_;
+    cuda_detail::release_threshold_share().release(pool, [pool](std::uint64_t v) noexcept {
+      if (cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &v) != cudaSuccess) (void)cudaGetLastError();
+    });
+    pool_ = nullptr;
   }
 
   CudaContextOptions options_;
