@@ -14,8 +14,9 @@
 //! and only when asked. beta == 0 never reads C (it may hold NaN poison). cuBLASLt's
 //! descriptors and its heuristic's algorithm are made once per shape and kept in the context
 //! (cuda_detail::LtPlanCache). When cuBLASLt offers no algorithm (an epilogue a type lacks,
-//! say), device_gemm falls back to writing bias + beta C into D and one cublasGemmEx with
-//! beta = 1: the same result, one more pass.
+//! say) or the bias is not 16-byte aligned (modules/cuda/bias_alignment.hpp), device_gemm
+//! falls back to writing bias + beta C into D and one cublasGemmEx with beta = 1: the same
+//! result, one more pass.
 
 #include "dr2net/modules/cuda/types.cuh"  // first: see its diagnostic note
 
@@ -34,6 +35,7 @@
 #include "dr2net/backend/cuda/error.hpp"
 #include "dr2net/backend/host/gemm.hpp"
 #include "dr2net/core/error.hpp"
+#include "dr2net/modules/cuda/bias_alignment.hpp"
 #include "dr2net/modules/cuda/types.cuh"
 
 namespace dr2net {
@@ -163,9 +165,8 @@ const LtPlan& lt_plan(CudaContext& ctx, const LtPlanKey& key, bool allow_tf32) {
   int found = 0;
   const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(ctx.blas_lt(), plan->op, plan->a, plan->b, plan->c,
                                                            plan->c, p.pref, 1, &heuristic, &found);
-  // A bias pointer cuBLASLt cannot read element-aligned goes the fallback way.
-  plan->found = hs == CUBLAS_STATUS_SUCCESS && found > 0 &&
-                (!key.bias || key.al_bias >= static_cast<std::uint32_t>(sizeof(T)));
+  // A bias the epilogue cannot read (its 16-byte rule: modules/cuda/bias_alignment.hpp) goes the fallback way.
+  plan->found = hs == CUBLAS_STATUS_SUCCESS && found > 0 && (!key.bias || lt_bias_alignment_ok(key.al_bias));
   if (plan->found) plan->algo = heuristic.algo;
   return *cache.plans.emplace(key, std::move(plan)).first->second;
 }
