@@ -12,9 +12,14 @@
 //     GEMM is the only pass over the stream and at (0.5, 0.5) where one pre-combine pass
 //     stays.
 //
+// Bandwidth counts each distinct buffer once per direction (bandwidth.hpp): the mixed-precision
+// backward pass reads J^T g and f from one scratch buffer, so it moves 7 stream-sized and one
+// compute-sized transfer per element, not 8 and 2.
+//
 // The largest batch: the meter's peak is affine in the batch (every buffer is a fixed size
 // plus a multiple of B), so it is measured at B = 1 and B = 2, solved for the budget, and the
-// answer checked by running that batch (stepping down while it does not fit).
+// answer checked by running that batch (stepping down while it does not fit, four tries at
+// most); when no try fits it reports none (batch_search.hpp).
 //
 // Usage: dr2net_bench_gpu_vit_step [--json FILE] [--elements N] [--repeats R]
 //          [--budget-gib G] [--batch-197 B] [--batch-1568 B] [--no-vit]
@@ -38,6 +43,8 @@
 #include "dr2net/modules/cuda/vit.cuh"
 #include "dr2net/schedule/schedules.hpp"
 
+#include "bandwidth.hpp"
+#include "batch_search.hpp"
 #include "cli.hpp"
 
 using namespace dr2net;
@@ -64,9 +71,9 @@ double time_ms(CudaContext& ctx, int repeats, Launch&& launch) {
 
 struct KernelFigure {
   std::string name;
-  double bytes;  // bytes read + written per call
+  std::uint64_t bytes;  // bytes read + written per call (bandwidth.hpp)
   double ms;
-  double gbps() const { return bytes / (ms * 1e6); }
+  double gbps() const { return dr2net_bench::gb_per_s(bytes, ms); }
 };
 
 using VitB = CudaVitLayer<__nv_bfloat16, ConstantSchedule, Bf16ComputeFp32Streams>;
@@ -98,8 +105,8 @@ struct StepBuffers {
 
 void step(VitStack& s, StepBuffers& b, std::int64_t k) {
   s.zero_grad();
-  s.forward(ConstView<float>(b.h0.data(), b.shape), b.out.view(b.shape), k);
-  s.backward(ConstView<float>(b.dout.data(), b.shape), b.dh0.view(b.shape));
+  s.forward(b.h0.view(b.shape), b.out.view(b.shape), k);
+  s.backward(b.dout.view(b.shape), b.dh0.view(b.shape));
 }
 
 struct StepFigure {
@@ -130,7 +137,7 @@ std::vector<AddsIntoFigure> adds_into_forward(CudaContext& ctx, const std::vecto
       s.layer(l).g().set_adds_into(on);
     }
   };
-  const auto run = [&] { s.predict(ConstView<float>(b.h0.data(), b.shape), b.out.view(b.shape), 0); };
+  const auto run = [&] { s.predict(b.h0.view(b.shape), b.out.view(b.shape), 0); };
   std::vector<AddsIntoFigure> figures;
   for (const Coefficients& c : points) {
     s.schedule() = ConstantSchedule(c);
@@ -187,24 +194,15 @@ std::size_t peak_or_zero(CudaContext& ctx, VitStack& s, BackpropMode mode, std::
 
 struct BudgetFigure {
   std::string mode;
-  std::int64_t tokens = 0, largest_batch = 0;
-  double bytes_per_sample = 0, fixed_bytes = 0;
+  std::int64_t tokens = 0;
+  dr2net_bench::BatchSearch search;  // search.largest_batch 0: no batch found within the budget
 };
 
 //! Largest batch whose metered peak stays within `budget` bytes (see the file comment).
 BudgetFigure largest_batch(CudaContext& ctx, VitStack& s, BackpropMode mode, std::int64_t tokens, std::size_t budget) {
   BudgetFigure f{std::string(mode_name(mode)), tokens};
-  const double p1 = static_cast<double>(peak_or_zero(ctx, s, mode, 1, tokens));
-  const double p2 = static_cast<double>(peak_or_zero(ctx, s, mode, 2, tokens));
-  if (p1 <= 0 || p2 <= p1) return f;
-  f.bytes_per_sample = p2 - p1;
-  f.fixed_bytes = p1 - f.bytes_per_sample;
-  auto b = static_cast<std::int64_t>((static_cast<double>(budget) - f.fixed_bytes) / f.bytes_per_sample);
-  for (int tries = 0; b > 0 && tries < 4; ++tries, --b) {
-    const std::size_t p = peak_or_zero(ctx, s, mode, b, tokens);
-    if (p > 0 && p <= budget) break;
-  }
-  f.largest_batch = b > 0 ? b : 0;
+  f.search = dr2net_bench::largest_fitting_batch(
+      [&](std::int64_t batch) { return peak_or_zero(ctx, s, mode, batch, tokens); }, budget);
   return f;
 }
 
@@ -246,28 +244,48 @@ int main(int argc, char** argv) {
     for (auto* p : {x.data(), y.data(), gx.data(), gy.data(), f.data()})
       DR2NET_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(float), ctx.stream()));  // zeros: no NaN/denormal slow paths
     DR2NET_CUDA_CHECK(cudaMemsetAsync(fb.data(), 0, n * sizeof(__nv_bfloat16), ctx.stream()));
-    const double fs = sizeof(float), bs = sizeof(__nv_bfloat16), dn = static_cast<double>(n);
+    using dr2net_bench::bytes_moved, dr2net_bench::reads, dr2net_bench::writes, dr2net_bench::updates;
+    constexpr std::uint64_t fs = sizeof(float), bs = sizeof(__nv_bfloat16);
+    const std::uint64_t un = n;
 
     const double copy_ms = time_ms(ctx, repeats, [&] { copy_on_device(ctx, y.data(), x.data(), n); });
-    const double copy_gbps = 2 * fs * dn / (copy_ms * 1e6);
+    const double copy_gbps = dr2net_bench::gb_per_s(bytes_moved({writes(y.data(), fs), reads(x.data(), fs)}, un), copy_ms);
+    // Each figure's operands are the functor's own pointers, so a shared buffer counts once.
     std::vector<KernelFigure> figs;
-    figs.push_back({"forward fp32", 4 * fs * dn, time_ms(ctx, repeats, [&] {
-                      for_each_index(ctx, n, ForwardCombine<float, float, float>{x.data(), y.data(), f.data(), 0.5f, 0.5f});
-                    })});
-    figs.push_back({"forward fp32/bf16", (3 * fs + bs) * dn, time_ms(ctx, repeats, [&] {
-                      for_each_index(ctx, n, ForwardCombine<float, __nv_bfloat16, float>{x.data(), y.data(), fb.data(), 0.5f, 0.5f});
-                    })});
-    figs.push_back({"backward+inverse fp32", 8 * fs * dn, time_ms(ctx, repeats, [&] {
-                      for_each_index(ctx, n, BackwardCombine<float, float, float, true>{gx.data(), gy.data(), nullptr, y.data(),
-                                                                                      x.data(), f.data(), 0.5f, 0.5f});
-                    })});
-    figs.push_back({"backward+inverse fp32/bf16 (J^T apart)", (8 * fs + 2 * bs) * dn, time_ms(ctx, repeats, [&] {
-                      for_each_index(ctx, n, BackwardCombine<float, __nv_bfloat16, float, true>{
-                                                 gx.data(), gy.data(), fb.data(), y.data(), x.data(), fb.data(), 0.5f, 0.5f});
-                    })});
-    figs.push_back({"convert fp32->bf16", (fs + bs) * dn, time_ms(ctx, repeats, [&] {
-                      for_each_index(ctx, n, ConvertCopy<float, __nv_bfloat16>{fb.data(), x.data()});
-                    })});
+    {
+      const ForwardCombine<float, float, float> k{x.data(), y.data(), f.data(), 0.5f, 0.5f};
+      figs.push_back({"forward fp32", bytes_moved({updates(k.x, fs), reads(k.y, fs), reads(k.f, fs)}, un),
+                      time_ms(ctx, repeats, [&] { for_each_index(ctx, n, k); })});
+    }
+    {
+      const ForwardCombine<float, __nv_bfloat16, float> k{x.data(), y.data(), fb.data(), 0.5f, 0.5f};
+      figs.push_back({"forward fp32/bf16", bytes_moved({updates(k.x, fs), reads(k.y, fs), reads(k.f, bs)}, un),
+                      time_ms(ctx, repeats, [&] { for_each_index(ctx, n, k); })});
+    }
+    {
+      const BackwardCombine<float, float, float, true> k{gx.data(), gy.data(), nullptr, y.data(),
+                                                         x.data(),  f.data(),  0.5f,    0.5f};
+      figs.push_back({"backward+inverse fp32",
+                      bytes_moved({updates(k.gx, fs), updates(k.gy, fs), reads(k.jt, fs), updates(k.y, fs),
+                                   reads(k.x, fs), reads(k.f, fs)},
+                                  un),
+                      time_ms(ctx, repeats, [&] { for_each_index(ctx, n, k); })});
+    }
+    {
+      // jt and f are the same scratch buffer: read once.
+      const BackwardCombine<float, __nv_bfloat16, float, true> k{gx.data(), gy.data(), fb.data(), y.data(),
+                                                                 x.data(),  fb.data(), 0.5f,      0.5f};
+      figs.push_back({"backward+inverse fp32/bf16 (J^T apart)",
+                      bytes_moved({updates(k.gx, fs), updates(k.gy, fs), reads(k.jt, bs), updates(k.y, fs),
+                                   reads(k.x, fs), reads(k.f, bs)},
+                                  un),
+                      time_ms(ctx, repeats, [&] { for_each_index(ctx, n, k); })});
+    }
+    {
+      const ConvertCopy<float, __nv_bfloat16> k{fb.data(), x.data()};
+      figs.push_back({"convert fp32->bf16", bytes_moved({writes(k.dst, bs), reads(k.src, fs)}, un),
+                      time_ms(ctx, repeats, [&] { for_each_index(ctx, n, k); })});
+    }
     ctx.synchronize();
 
     std::printf("device %s, %zu elements, copy %.1f GB/s\n", prop.name, n, copy_gbps);
@@ -310,9 +328,15 @@ int main(int argc, char** argv) {
         std::printf("%-11s %7lld %6lld %10.2f %14.1f %16.1f\n", st.mode.c_str(), static_cast<long long>(st.tokens),
                     static_cast<long long>(st.batch), st.ms, st.peak_total / 1048576.0, st.peak_activation / 1048576.0);
       std::printf("largest batch within %.1f GiB (metered peak):\n", budget_gib);
-      for (const auto& b : budgets)
-        std::printf("  %-11s tokens %5lld: %lld\n", b.mode.c_str(), static_cast<long long>(b.tokens),
-                    static_cast<long long>(b.largest_batch));
+      for (const auto& b : budgets) {
+        if (b.search.found())
+          std::printf("  %-11s tokens %5lld: %lld\n", b.mode.c_str(), static_cast<long long>(b.tokens),
+                      static_cast<long long>(b.search.largest_batch));
+        else
+          std::printf("  %-11s tokens %5lld: none found (estimate %lld, %d tries over budget or out of memory)\n",
+                      b.mode.c_str(), static_cast<long long>(b.tokens), static_cast<long long>(b.search.estimate),
+                      b.search.tries);
+      }
       std::printf("reversible peak activation, 197 tokens, batch 8: 12 layers %zu B, 24 layers %zu B (ratio %.4f)\n",
                   peak12, peak24, static_cast<double>(peak24) / static_cast<double>(peak12));
       adds = adds_into_forward(ctx, {Coefficients{0.0, 1.0}, Coefficients{0.5, 0.5}}, batch_197, vit_repeats);
@@ -342,8 +366,10 @@ int main(int argc, char** argv) {
         j << "    ],\n    \"budget_bytes\": " << budget << ",\n    \"largest_batch\": [\n";
         for (std::size_t i = 0; i < budgets.size(); ++i)
           j << "      {\"mode\": \"" << budgets[i].mode << "\", \"tokens\": " << budgets[i].tokens
-            << ", \"largest_batch\": " << budgets[i].largest_batch << ", \"bytes_per_sample\": "
-            << budgets[i].bytes_per_sample << ", \"fixed_bytes\": " << budgets[i].fixed_bytes << "}"
+            << ", \"largest_batch\": " << budgets[i].search.largest_batch << ", \"found\": "
+            << (budgets[i].search.found() ? "true" : "false") << ", \"estimate\": " << budgets[i].search.estimate
+            << ", \"bytes_per_sample\": " << budgets[i].search.bytes_per_sample << ", \"fixed_bytes\": "
+            << budgets[i].search.fixed_bytes << "}"
             << (i + 1 < budgets.size() ? "," : "") << "\n";
         j << "    ],\n    \"reversible_peak_activation_bytes\": {\"layers_12\": " << peak12 << ", \"layers_24\": "
           << peak24 << "},\n    \"adds_into_forward\": [\n";
