@@ -23,6 +23,11 @@
 //! - index: the element (dropout) or sample (drop-path) index; consecutive groups of four
 //!   indices share one Philox call and take its four output words in order.
 //! Distinct (step, module, purpose, index) under one seed therefore never share a counter.
+//!
+//! Cost: one evaluation is 10 rounds of two 32x32->64 multiplications. bits(index) evaluates
+//! the whole block for one word; a caller that needs four consecutive indices calls block()
+//! once and takes the words with philox_word(), whose constant-index selects keep the block
+//! in registers on the device (an array indexed by a run-time value goes to local memory).
 
 #include <cstdint>
 
@@ -76,6 +81,14 @@ DR2NET_HD_INLINE PhiloxBlock philox4x32_10(PhiloxBlock counter, PhiloxKey key) {
   return counter;
 }
 
+//! Word `lane` (0..3; only its two low bits are read) of `b`: b.v[lane & 3], chosen with
+//! constant indices (selects, not an indexed load) so that `b` stays in registers on the device.
+DR2NET_HD_INLINE std::uint32_t philox_word(const PhiloxBlock& b, std::uint32_t lane) {
+  const std::uint32_t even = (lane & 1u) != 0 ? b.v[1] : b.v[0];
+  const std::uint32_t odd = (lane & 1u) != 0 ? b.v[3] : b.v[2];
+  return (lane & 2u) != 0 ? odd : even;
+}
+
 //! What a module draws random numbers for; part of the counter (module * 8 + purpose).
 enum class RandomPurpose : std::uint32_t {
   DropPath = 0,          //!< stochastic depth: one draw per sample
@@ -94,12 +107,10 @@ struct PhiloxStream {
   std::uint32_t module_purpose;  //!< counter word 2
   std::uint32_t step_low;        //!< counter word 3
 
-  //! The 32 random bits of element `index`.
+  //! The 32 random bits of element `index`: word index % 4 of block(index / 4). One whole
+  //! evaluation per call; block() serves four consecutive indices with one.
   DR2NET_HD_INLINE std::uint32_t bits(std::uint64_t index) const {
-    const std::uint64_t group = index >> 2;
-    const PhiloxBlock counter{{static_cast<std::uint32_t>(group), static_cast<std::uint32_t>(group >> 32),
-                               module_purpose, step_low}};
-    return philox4x32_10(counter, key).v[index & 3u];
+    return philox_word(block(index >> 2), static_cast<std::uint32_t>(index & 3u));
   }
   //! The four words of indices 4*group .. 4*group+3 at once (what a vectorised kernel uses).
   DR2NET_HD_INLINE PhiloxBlock block(std::uint64_t group) const {

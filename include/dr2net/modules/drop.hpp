@@ -11,6 +11,22 @@
 //!
 //!   keep_i = (bits_i >> 8) < round((1 - p) * 2^24)       (integer test: no float ties)
 //!   out_i  = f_i * [keep_path(b(i))] / (1 - p_path) * [keep_drop(i)] / (1 - p_drop)
+//!
+//! with bits of the drop-path stream at index b(i) = i / sample_elements (the sample) and of the
+//! dropout stream at index i (the element), as core/philox.hpp lays them out.
+//!
+//! What it costs. A Philox evaluation (10 rounds) is far more work than the multiply it gates,
+//! so DropScale avoids evaluations that give nothing new; the values stay the formula's:
+//!  - drop-path is one decision per sample, but an elementwise kernel's thread cannot carry a
+//!    sample's decision from one element to the next (consecutive elements of a grid-stride
+//!    loop belong to different threads). make_drop_scale therefore evaluates the decisions of
+//!    the first kDropPathCachedSamples samples once, on the host, and carries them as a 256-bit
+//!    mask in the DropScale value the kernel receives: a sample's decision is then a bit test
+//!    on host and device alike. Samples beyond that draw from the stream per element, as before.
+//!  - dropout needs one word per element and an evaluation yields four (consecutive indices):
+//!    operator()(i) evaluates one block per element; factors<N>(first, out) evaluates one per
+//!    group of four of N consecutive elements and decides drop-path once when they share a
+//!    sample: what a vectorised kernel (N elements per thread) calls.
 
 #include <cmath>
 #include <cstddef>
@@ -36,8 +52,12 @@ inline std::uint32_t keep_threshold(double p) {
 //! The keep decision shared by host and device.
 DR2NET_HD_INLINE bool keep_element(std::uint32_t bits, std::uint32_t threshold) { return (bits >> 8) < threshold; }
 
+//! Samples whose drop-path decisions a DropScale from make_drop_scale carries as a bit mask.
+inline constexpr std::uint64_t kDropPathCachedSamples = 256;
+
 //! The factor each output element is multiplied by: 0 for dropped elements, the inverse
-//! keep probabilities otherwise. Evaluated per element on host and device alike.
+//! keep probabilities otherwise. Evaluated per element (operator()) or per run of consecutive
+//! elements (factors()) on host and device alike, with the same result.
 template <class T>
 struct DropScale {
   PhiloxStream path_stream{};     //!< one draw per sample
@@ -49,9 +69,27 @@ struct DropScale {
   T path_scale = T(1), element_scale = T(1);  //!< element_scale: 1/(1 - p_drop), the factor of a kept element
   //! path: whether drop-path applies (training with p_path > 0).
   bool path = false, element = false;  //!< element: whether dropout applies (training with p_drop > 0)
+  //! The drop-path decisions of samples 0 .. path_cached - 1, bit b % 64 of word b / 64 set when
+  //! sample b is kept: keep_element(path_stream.bits(b), path_threshold), evaluated once by
+  //! make_drop_scale. Samples from path_cached on are decided from the stream.
+  std::uint64_t path_keep[4] = {0, 0, 0, 0};
+  std::uint64_t path_cached = 0;  //!< samples path_keep covers: 0 (none) or kDropPathCachedSamples
 
   //! Whether any mask applies (false at inference and at rate 0: then the factor is 1).
   DR2NET_HD_INLINE bool active() const { return path || element; }
+
+  //! Whether sample `b` survives drop-path: keep_element(path_stream.bits(b), path_threshold),
+  //! a bit of path_keep for the first path_cached samples.
+  DR2NET_HD_INLINE bool keep_sample(std::uint64_t b) const {
+    static_assert(kDropPathCachedSamples == 256, "path_keep holds four 64-bit words");
+    if (b < path_cached) {
+      // Constant indices only (selects): the mask stays in registers or parameter space.
+      const std::uint64_t even = (b & 64u) != 0 ? path_keep[1] : path_keep[0];
+      const std::uint64_t odd = (b & 64u) != 0 ? path_keep[3] : path_keep[2];
+      return (((b & 128u) != 0 ? odd : even) >> (b & 63u) & 1u) != 0;
+    }
+    return keep_element(path_stream.bits(b), path_threshold);
+  }
 
   //! The factor of flat element `i` of the output (row-major over [B, ...], so its sample is
   //! i / sample_elements): 0 when its sample or the element itself is dropped, otherwise the
@@ -59,7 +97,7 @@ struct DropScale {
   DR2NET_HD_INLINE T operator()(std::uint64_t i) const {
     T f = T(1);
     if (path) {
-      if (!keep_element(path_stream.bits(i / sample_elements), path_threshold)) return T(0);
+      if (!keep_sample(i / sample_elements)) return T(0);
       f = path_scale;
     }
     if (element) {
@@ -67,6 +105,38 @@ struct DropScale {
       f *= element_scale;
     }
     return f;
+  }
+
+  //! out[j] = (*this)(first + j) for j < N, bit for bit, with one Philox evaluation per group
+  //! of four consecutive indices (not one per element) and one drop-path decision when the N
+  //! elements share a sample: the form for a thread that handles N consecutive elements.
+  template <int N>
+  DR2NET_HD_INLINE void factors(std::uint64_t first, T (&out)[N]) const {
+    static_assert(N > 0, "factors of at least one element");
+    for (int j = 0; j < N; ++j) out[j] = T(1);
+    if (path) {
+      const std::uint64_t b0 = first / sample_elements;
+      if (b0 == (first + static_cast<std::uint64_t>(N - 1)) / sample_elements) {
+        const T p = keep_sample(b0) ? path_scale : T(0);
+        for (int j = 0; j < N; ++j) out[j] = p;
+      } else {
+        for (int j = 0; j < N; ++j)
+          out[j] = keep_sample((first + static_cast<std::uint64_t>(j)) / sample_elements) ? path_scale : T(0);
+      }
+    }
+    if (element) {
+      std::uint64_t group = first >> 2;
+      PhiloxBlock block = element_stream.block(group);
+      for (int j = 0; j < N; ++j) {
+        const std::uint64_t i = first + static_cast<std::uint64_t>(j);
+        if ((i >> 2) != group) {
+          group = i >> 2;
+          block = element_stream.block(group);
+        }
+        const bool keep = keep_element(philox_word(block, static_cast<std::uint32_t>(i & 3u)), element_threshold);
+        out[j] = keep ? out[j] * element_scale : T(0);  // a dropped sample's 0 stays 0
+      }
+    }
   }
 };
 
@@ -98,6 +168,15 @@ DropScale<T> make_drop_scale(const ModuleCall<Ctx>& call, double drop_path, doub
     s.path_threshold = keep_threshold(drop_path);
     s.path_scale = static_cast<T>(1.0 / (1.0 - drop_path));
     s.sample_elements = sample_elements;
+    // The first samples' decisions, once (four per Philox evaluation), instead of once per element.
+    for (std::uint64_t group = 0; group < kDropPathCachedSamples / 4; ++group) {
+      const PhiloxBlock block = s.path_stream.block(group);
+      for (std::uint32_t lane = 0; lane < 4; ++lane) {
+        const std::uint64_t b = group * 4 + lane;
+        if (keep_element(block.v[lane], s.path_threshold)) s.path_keep[b / 64] |= std::uint64_t{1} << (b % 64);
+      }
+    }
+    s.path_cached = kDropPathCachedSamples;
   }
   if (dropout > 0) {
     s.element = true;
