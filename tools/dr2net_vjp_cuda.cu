@@ -72,15 +72,15 @@ int run_on_device(const std::string& weights_path, const std::string& input_path
   auto dx_in = to_device(ctx, x), dd = to_device(ctx, dout);
   auto dout_buf = ctx.allocate<V>(n, MemoryCategory::Other), dgrad = ctx.allocate<V>(n, MemoryCategory::Other);
   dev.zero_grad();
-  dev.forward(ConstView<V>(dx_in.data(), shape), dout_buf.view(shape), 0);
-  dev.backward(ConstView<V>(dd.data(), shape), dgrad.view(shape), ConstView<V>(dx_in.data(), shape));
+  dev.forward(ConstDeviceView<V>(dx_in.data(), shape), dout_buf.view(shape), 0);
+  dev.backward(ConstDeviceView<V>(dd.data(), shape), dgrad.view(shape), ConstDeviceView<V>(dx_in.data(), shape));
   const std::vector<V> out = to_host(ctx, dout_buf.data(), n), dx = to_host(ctx, dgrad.data(), n);
 
   // Gradients back into a host stack with the same names, for the writer.
   ReversibleStack<HostLayer> names(hctx, std::move(host_layers), ConstantSchedule(alpha, beta));
   const auto hp = names.parameters();
   std::size_t i = 0;
-  dev.for_each_parameter([&](std::string_view name, TensorView<T>, TensorView<T> g) {
+  dev.for_each_parameter([&](std::string_view name, DeviceView<T>, DeviceView<T> g) {
     DR2NET_CHECK(i < hp.size() && hp[i].name == name, "device parameter ", name, " has no host counterpart");
     copy_to_host(ctx, hp[i].grad.data(), g.data(), g.size());
     ++i;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "dr2net/backend/cuda/cuda.cuh"
+#include "dr2net/block/residual_function.hpp"
 
 namespace dr2net::testing {
 
@@ -122,18 +123,18 @@ class DeviceTanhLinear {
     DR2NET_CHECK(s.last() == d_, "DeviceTanhLinear: input width ", s.last(), " does not match ", d_);
     return static_cast<std::size_t>(s.numel());
   }
-  void forward(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> scratch) {
+  void forward(const ModuleCall<CudaContext>& call, ConstDeviceView<T> in, DeviceView<T> out, DeviceView<T> scratch) {
     recompute(call, in, out, scratch);
   }
-  void recompute(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
+  void recompute(const ModuleCall<CudaContext>& call, ConstDeviceView<T> in, DeviceView<T> out, DeviceView<T> saved) {
     const std::int64_t rows = in.shape().rows();
     device_functor_kernels::tanh_linear_forward<<<device_functor_kernels::blocks_for(in.size()), 128, 0,
                                                   call.context.stream()>>>(in.data(), w_.data(), b_.data(), out.data(),
                                                                            saved.data(), rows, d_);
     DR2NET_CUDA_CHECK_LAUNCH("tanh_linear_forward");
   }
-  void backward(const ModuleCall<CudaContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> gout,
-                TensorView<T> gin) {
+  void backward(const ModuleCall<CudaContext>& call, ConstDeviceView<T> in, ConstDeviceView<T> saved, ConstDeviceView<T> gout,
+                DeviceView<T> gin) {
     using namespace device_functor_kernels;
     CudaContext& ctx = call.context;
     const std::int64_t rows = in.shape().rows();
@@ -172,17 +173,17 @@ class DeviceSineGate {
     DR2NET_CHECK(s.last() == d_, "DeviceSineGate: input width ", s.last(), " does not match ", d_);
     return 0;
   }
-  void forward(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T>) {
+  void forward(const ModuleCall<CudaContext>& call, ConstDeviceView<T> in, DeviceView<T> out, DeviceView<T>) {
     device_functor_kernels::sine_forward<<<device_functor_kernels::blocks_for(in.size()), 128, 0,
                                            call.context.stream()>>>(in.data(), a_.data(), c_.data(), out.data(),
                                                                     static_cast<std::int64_t>(in.size()), d_);
     DR2NET_CUDA_CHECK_LAUNCH("sine_forward");
   }
-  void recompute(const ModuleCall<CudaContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
+  void recompute(const ModuleCall<CudaContext>& call, ConstDeviceView<T> in, DeviceView<T> out, DeviceView<T> saved) {
     forward(call, in, out, saved);
   }
-  void backward(const ModuleCall<CudaContext>& call, ConstView<T> in, ConstView<T>, ConstView<T> gout,
-                TensorView<T> gin) {
+  void backward(const ModuleCall<CudaContext>& call, ConstDeviceView<T> in, ConstDeviceView<T>, ConstDeviceView<T> gout,
+                DeviceView<T> gin) {
     using namespace device_functor_kernels;
     cudaStream_t s = call.context.stream();
     const auto n = static_cast<std::int64_t>(in.size());

@@ -74,8 +74,8 @@ StepResult device_step(CudaContext& ctx, ReversibleStack<Block>& s, const Shape&
   auto out = ctx.allocate<float>(n, MemoryCategory::Other);
   auto dh0 = ctx.allocate<float>(n, MemoryCategory::Other);
   s.zero_grad();
-  s.forward(ConstView<float>(dh.data(), shape), out.view(shape), 3);
-  s.backward(ConstView<float>(dd.data(), shape), dh0.view(shape), ConstView<float>(dh.data(), shape));
+  s.forward(ConstDeviceView<float>(dh.data(), shape), out.view(shape), 3);
+  s.backward(ConstDeviceView<float>(dd.data(), shape), dh0.view(shape), ConstDeviceView<float>(dh.data(), shape));
   StepResult r;
   r.out = to_host(ctx, out.data(), n);
   r.dh0 = to_host(ctx, dh0.data(), n);
@@ -103,7 +103,7 @@ ReversibleStack<DeviceBlock<T, P>> device_twin(CudaContext& ctx, ReversibleStack
   ReversibleStack<DeviceBlock<T, P>> dev(ctx, std::move(layers), ConstantSchedule(ab.first, ab.second), {.mode = mode});
   const auto hp = host.parameters();
   std::size_t i = 0;
-  dev.for_each_parameter([&](std::string_view name, TensorView<T> v, TensorView<T>) {
+  dev.for_each_parameter([&](std::string_view name, DeviceView<T> v, DeviceView<T>) {
     GPU_CHECK(i < hp.size() && hp[i].name == name, "parameter order/names differ: " + std::string(name));
     std::vector<T> vals(v.size());
     for (std::size_t k = 0; k < vals.size(); ++k) vals[k] = static_cast<T>(hp[i].value.data()[k]);
@@ -148,7 +148,7 @@ void expect_error(const std::string& what, std::initializer_list<const char*> wo
 template <class Stack>
 void poison_parameter(CudaContext& ctx, Stack& s, std::string_view name, std::size_t at, float value) {
   bool found = false;
-  s.for_each_parameter([&](std::string_view pname, TensorView<float> v, TensorView<float>) {
+  s.for_each_parameter([&](std::string_view pname, DeviceView<float> v, DeviceView<float>) {
     if (pname != name) return;
     copy_to_device(ctx, v.data() + at, &value, 1);
     found = true;

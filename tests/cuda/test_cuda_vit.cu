@@ -25,6 +25,12 @@
 using namespace dr2net;
 using namespace dr2net::testing;
 
+// The device instantiations of the one implementation are residual functions with the
+// adds-into members (a signature mismatch would silently switch the block's fused path off).
+static_assert(ResidualFunction<CudaVitAttention<float>> && AddsInto<CudaVitAttention<float>>);
+static_assert(ResidualFunction<CudaVitMlp<__nv_bfloat16>> && AddsInto<CudaVitMlp<__nv_bfloat16>>);
+static_assert(std::is_same_v<function_space_t<CudaVitAttention<float>>, DeviceSpace>);
+
 namespace {
 
 template <class T>
@@ -82,14 +88,14 @@ void compare_function(CudaContext& ctx, HostF& host, DevF& dev, const Shape& sha
   const std::size_t ns = dev.saved_elements(shape);
   auto dsaved = ctx.allocate<T>(ns, MemoryCategory::Other);  // poisoned
   const Shape sshape{static_cast<std::int64_t>(ns)};
-  dev.forward(dcall, ConstView<T>(din.data(), shape), dout.view(shape), dsaved.view(sshape));
+  dev.forward(dcall, ConstDeviceView<T>(din.data(), shape), dout.view(shape), dsaved.view(sshape));
   const auto fwd = as_float(to_host(ctx, dout.data(), n));
   // recompute must give the forward's output bit for bit
   auto dout2 = ctx.allocate<T>(n, MemoryCategory::Other);
-  dev.recompute(dcall, ConstView<T>(din.data(), shape), dout2.view(shape), dsaved.view(sshape));
+  dev.recompute(dcall, ConstDeviceView<T>(din.data(), shape), dout2.view(shape), dsaved.view(sshape));
   const auto rec = as_float(to_host(ctx, dout2.data(), n));
   GPU_CHECK(std::memcmp(fwd.data(), rec.data(), n * sizeof(float)) == 0, "recompute differs from forward");
-  dev.backward(dcall, ConstView<T>(din.data(), shape), ConstView<T>(dsaved.data(), sshape), ConstView<T>(dgout.data(), shape),
+  dev.backward(dcall, ConstDeviceView<T>(din.data(), shape), ConstDeviceView<T>(dsaved.data(), sshape), ConstDeviceView<T>(dgout.data(), shape),
                dgin.view(shape));
   GPU_CHECK_CLOSE(fwd, hout, tol.function);
   GPU_CHECK_CLOSE(as_float(to_host(ctx, dgin.data(), n)), hgin, tol.gradient);
@@ -100,7 +106,7 @@ void compare_function(CudaContext& ctx, HostF& host, DevF& dev, const Shape& sha
     hnames.emplace_back(name);
     hgrads.emplace_back(g.data(), g.data() + g.size());
   });
-  dev.for_each_parameter([&](std::string_view name, TensorView<T>, TensorView<T> g) {
+  dev.for_each_parameter([&](std::string_view name, DeviceView<T>, DeviceView<T> g) {
     dnames.emplace_back(name);
     dgrads.push_back(as_float(to_host(ctx, g.data(), g.size())));
   });
@@ -120,9 +126,9 @@ void compare_function(CudaContext& ctx, HostF& host, DevF& dev, const Shape& sha
                        TensorView<float>(hsaved.data(), Shape{static_cast<std::int64_t>(hsaved.size())}));
     auto dsame = to_device(ctx, to_type<T>(addend)), dapart = to_device(ctx, to_type<T>(addend));
     auto dpoisoned = ctx.allocate<T>(n, MemoryCategory::Other);
-    dev.recompute_add(dcall, ConstView<T>(din.data(), shape), ConstView<T>(dsame.data(), shape), scale, dsame.view(shape),
+    dev.recompute_add(dcall, ConstDeviceView<T>(din.data(), shape), ConstDeviceView<T>(dsame.data(), shape), scale, dsame.view(shape),
                       dsaved.view(sshape));
-    dev.recompute_add(dcall, ConstView<T>(din.data(), shape), ConstView<T>(dapart.data(), shape), scale,
+    dev.recompute_add(dcall, ConstDeviceView<T>(din.data(), shape), ConstDeviceView<T>(dapart.data(), shape), scale,
                       dpoisoned.view(shape), dsaved.view(sshape));
     GPU_CHECK_CLOSE(as_float(to_host(ctx, dsame.data(), n)), hdst, tol.function);
     GPU_CHECK_CLOSE(as_float(to_host(ctx, dpoisoned.data(), n)), hdst, tol.function);
@@ -146,8 +152,9 @@ void linear_case(CudaContext& ctx, std::mt19937_64& rng) {
   const auto x = random_in<T>(static_cast<std::size_t>(rows * in), rng);
   const auto dy = random_in<T>(static_cast<std::size_t>(rows * out), rng);
   std::vector<float> y(static_cast<std::size_t>(rows * out)), dx(x.size());
-  host.forward(x.data(), rows, y.data());
-  host.backward(x.data(), dy.data(), rows, dx.data());
+  HostContext hctx;
+  host.forward(hctx, x.data(), rows, y.data());
+  host.backward(hctx, x.data(), dy.data(), rows, dx.data());
   auto dxd = to_device(ctx, to_type<T>(x)), dyd = to_device(ctx, to_type<T>(dy));
   auto yd = ctx.allocate<T>(y.size(), MemoryCategory::Other), dxo = ctx.allocate<T>(x.size(), MemoryCategory::Other);
   dev.forward(ctx, dxd.data(), rows, yd.data());
@@ -157,7 +164,7 @@ void linear_case(CudaContext& ctx, std::mt19937_64& rng) {
   // y = x W^T + b + 0.75 * addend in one GEMM, into a poisoned destination.
   const auto addend = random_in<T>(y.size(), rng);
   std::vector<float> ya(y.size());
-  host.forward_add(x.data(), rows, addend.data(), 0.75f, ya.data());
+  host.forward_add(hctx, x.data(), rows, addend.data(), 0.75f, ya.data());
   auto da = to_device(ctx, to_type<T>(addend));
   auto yad = ctx.allocate<T>(y.size(), MemoryCategory::Other);
   dev.forward_add(ctx, dxd.data(), rows, da.data(), 0.75f, yad.data());
@@ -235,8 +242,8 @@ StepResult device_step(CudaContext& ctx, ReversibleStack<Layer>& s, const Shape&
   auto dh = to_device(ctx, h0), dd = to_device(ctx, dout);
   auto out = ctx.allocate<float>(n, MemoryCategory::Other), dh0 = ctx.allocate<float>(n, MemoryCategory::Other);
   s.zero_grad();
-  s.forward(ConstView<float>(dh.data(), shape), out.view(shape), 3);
-  s.backward(ConstView<float>(dd.data(), shape), dh0.view(shape), ConstView<float>(dh.data(), shape));
+  s.forward(ConstDeviceView<float>(dh.data(), shape), out.view(shape), 3);
+  s.backward(ConstDeviceView<float>(dd.data(), shape), dh0.view(shape), ConstDeviceView<float>(dh.data(), shape));
   StepResult r;
   r.out = to_host(ctx, out.data(), n);
   r.dh0 = to_host(ctx, dh0.data(), n);
@@ -279,9 +286,9 @@ int main() {
     const auto hs = make_drop_scale<float>(hcall, 0.3, 0.15, RandomPurpose::OutputDropout, 37);
     const auto ds = make_drop_scale<float>(dcall, 0.3, 0.15, RandomPurpose::OutputDropout, 37);
     std::vector<float> ones(n, 1.0f), want(n);
-    for_each_index(hctx, n, ApplyDropScale<float>{want.data(), ones.data(), hs});
+    for_each_index(hctx, n, DropApply<float>{want.data(), ones.data(), hs});
     auto d = to_device(ctx, ones);
-    for_each_index(ctx, n, cuda_detail::DropApply<float>{d.data(), d.data(), ds});
+    for_each_index(ctx, n, DropApply<float>{d.data(), d.data(), ds});
     const auto got = to_host(ctx, d.data(), n);
     GPU_CHECK(std::memcmp(got.data(), want.data(), n * sizeof(float)) == 0, "drop mask differs from the host's");
   });

@@ -16,6 +16,11 @@
 #include "support/test_functors.hpp"
 
 using namespace dr2net;
+
+// The host instantiations are residual functions with the adds-into members, on host views.
+static_assert(ResidualFunction<VitAttention<float>> && AddsInto<VitAttention<float>>);
+static_assert(ResidualFunction<VitMlp<double>> && AddsInto<VitMlp<double>>);
+static_assert(std::is_same_v<function_space_t<VitMlp<float>>, HostSpace>);
 using dr2net::testing::random_vector;
 
 namespace {

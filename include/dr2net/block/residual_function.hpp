@@ -36,6 +36,10 @@
 //! `static constexpr std::string_view parameter_prefix = "...";` replaces the block's default
 //! "f"/"g" prefix of its parameter names (an empty prefix keeps the names as they are).
 //! All views handed to it are contiguous and have the stream's shape (scratch: rank 1).
+//! Views are typed by memory space: the ConstView<T>/TensorView<T> above are of the space of
+//! the function's backend, TensorView<T, function_space_t<F>> (HostSpace for HostContext,
+//! DeviceSpace for CudaContext, i.e. DeviceView<T>), so a host function cannot be handed device
+//! memory: that does not compile.
 
 #include <concepts>
 #include <cstddef>
@@ -43,10 +47,12 @@
 #include <string_view>
 #include <type_traits>
 
-#include "dr2net/backend/host/context.hpp"
+#include "dr2net/core/compute_type.hpp"
 #include "dr2net/core/tensor.hpp"
 
 namespace dr2net {
+
+class HostContext;  // backend/host/context.hpp: the default backend of a residual function
 
 //! What the library tells a residual function about the current call.
 template <class Ctx>
@@ -80,10 +86,19 @@ struct value_type_of<F> {
   using type = typename F::value_type;
 };
 
-//! Stand-in visitor used to check for_each_parameter.
-template <class T>
+//! Stand-in visitor used to check for_each_parameter (views of memory space S).
+template <class T, class S>
 struct ParameterVisitorArchetype {
-  void operator()(std::string_view, TensorView<T>, TensorView<T>) const {}
+  void operator()(std::string_view, TensorView<T, S>, TensorView<T, S>) const {}
+};
+
+template <class C>
+struct space_of_context {
+  using type = typename C::memory_space;
+};
+template <>
+struct space_of_context<HostContext> {  // known without the complete type
+  using type = HostSpace;
 };
 
 }  // namespace detail
@@ -93,13 +108,10 @@ struct ParameterVisitorArchetype {
 template <class F>
 using context_type_t = typename detail::context_of<F>::type;
 
-//! Types a residual function may compute in: the standard floating types, and any type a
-//! backend declares by specialising this trait (a device backend's bf16 and fp16 types).
-template <class T>
-struct is_compute_type : std::is_floating_point<T> {};
-//! is_compute_type<T>::value: whether a residual function may declare `value_type = T`.
-template <class T>
-inline constexpr bool is_compute_type_v = is_compute_type<T>::value;
+//! The memory space of F's backend (HostSpace for HostContext, DeviceSpace for CudaContext):
+//! every view F's members receive is a TensorView<..., function_space_t<F>>.
+template <class F>
+using function_space_t = typename detail::space_of_context<context_type_t<F>>::type;
 
 // One concept per requirement, so a failed check can say which member is missing.
 
@@ -114,31 +126,35 @@ concept HasSavedElements = requires(const F& f, const Shape& s) {
 };
 
 //! F has `forward(const ModuleCall<C>&, ConstView<T> in, TensorView<T> out, TensorView<T> scratch)`.
-template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
-concept HasForward = requires(F& f, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> out) {
+template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>,
+          class S = function_space_t<F>>
+concept HasForward = requires(F& f, const ModuleCall<C>& call, ConstView<T, S> in, TensorView<T, S> out) {
   f.forward(call, in, out, out);
 };
 
 //! F has `recompute(const ModuleCall<C>&, ConstView<T> in, TensorView<T> out, TensorView<T> saved)`.
-template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
-concept HasRecompute = requires(F& f, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> out) {
+template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>,
+          class S = function_space_t<F>>
+concept HasRecompute = requires(F& f, const ModuleCall<C>& call, ConstView<T, S> in, TensorView<T, S> out) {
   f.recompute(call, in, out, out);
 };
 
 //! F has `backward(const ModuleCall<C>&, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
 //! TensorView<T> grad_in)`.
-template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
-concept HasBackward = requires(F& f, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> gin) {
+template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>,
+          class S = function_space_t<F>>
+concept HasBackward = requires(F& f, const ModuleCall<C>& call, ConstView<T, S> in, TensorView<T, S> gin) {
   f.backward(call, in, in, in, gin);
 };
 
 //! F has `for_each_parameter(visit)` calling visit(std::string_view, TensorView<T>, TensorView<T>).
-template <class F, class T = typename detail::value_type_of<F>::type>
-concept HasParameters = requires(F& f, detail::ParameterVisitorArchetype<T> v) { f.for_each_parameter(v); };
+template <class F, class T = typename detail::value_type_of<F>::type, class S = function_space_t<F>>
+concept HasParameters = requires(F& f, detail::ParameterVisitorArchetype<T, S> v) { f.for_each_parameter(v); };
 
 //! The optional adds-into members (see the file comment), checked for compute type T.
-template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>>
-concept AddsInto = requires(F& f, const F& cf, const ModuleCall<C>& call, ConstView<T> in, TensorView<T> out) {
+template <class F, class T = typename detail::value_type_of<F>::type, class C = context_type_t<F>,
+          class S = function_space_t<F>>
+concept AddsInto = requires(F& f, const F& cf, const ModuleCall<C>& call, ConstView<T, S> in, TensorView<T, S> out) {
   { cf.adds_into(call) } -> std::convertible_to<bool>;
   f.recompute_add(call, in, in, 1.0, out, out);
 };

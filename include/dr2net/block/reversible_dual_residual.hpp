@@ -64,17 +64,17 @@ using buffer_t = decltype(std::declval<Ctx&>().template allocate<T>(std::size_t{
 
 //! One module's state kept from forward to backward in standard mode: its input stream and
 //! its residual function's saved internals.
-template <class S, class C>
+template <class S, class C, class Space = HostSpace>
 struct ModuleStorage {
-  TensorView<S> input;  //!< Copy of the stream the function read (x_i), of the stream's shape.
-  TensorView<C> saved;  //!< The function's saved internals: saved_elements(shape) elements, 1-D.
+  TensorView<S, Space> input;  //!< Copy of the stream the function read (x_i), of the stream's shape.
+  TensorView<C, Space> saved;  //!< The function's saved internals: saved_elements(shape) elements, 1-D.
 };
 
 //! Standard-mode state of a layer's two modules.
-template <class S, class C>
+template <class S, class C, class Space = HostSpace>
 struct LayerStorage {
   //! State of module F (module 2*layer).
-  ModuleStorage<S, C> f, g;  //!< State of module G (module 2*layer+1).
+  ModuleStorage<S, C, Space> f, g;  //!< State of module G (module 2*layer+1).
 };
 
 //! The temporaries one module needs, sized for the largest function it will serve:
@@ -84,6 +84,11 @@ struct LayerStorage {
 template <class Ctx, class S, class C, class V = S>
 class ModuleWorkspace {
  public:
+  // Views in this class are of the backend's memory space (declared first, so that every
+  // TensorView below means this one).
+  //! A view of the backend's memory (TensorView of memory_space_t<Ctx>).
+  template <class U>
+  using TensorView = dr2net::TensorView<U, memory_space_t<Ctx>>;
   //! The function's input must be converted from the stream type.
   static constexpr bool kMixedInput = !std::is_same_v<S, C>;
   //! Its output gradient must be converted, and its input gradient kept apart.
@@ -157,6 +162,19 @@ class ModuleWorkspace {
 //!                    F's and G's value_type must be its compute_type
 template <class F, class G, class ScheduleT, Precision PrecisionT = Fp32>
 class ReversibleDualResidual {
+ public:
+  // Views in this class are of the residual functions' memory space (declared first, so that
+  // every TensorView/ConstView below means these).
+  //! Where the streams, the functions' views and the parameters live (HostSpace, DeviceSpace).
+  using memory_space = function_space_t<F>;
+  //! A view of the backend's memory.
+  template <class U>
+  using TensorView = dr2net::TensorView<U, memory_space>;
+  //! A read-only view of the backend's memory.
+  template <class U>
+  using ConstView = dr2net::TensorView<const U, memory_space>;
+
+ private:
   static_assert(Schedule<ScheduleT>,
                 "dr2net: ScheduleT is not a schedule: it needs a copy constructor and "
                 "`Coefficients operator()(std::int64_t step, int module) const` (see schedule/coefficients.hpp)");
@@ -180,9 +198,9 @@ class ReversibleDualResidual {
   //! Fixed-point streams: every reconstruction is exact (DESIGN §3a).
   static constexpr bool exact = is_fixed_point_v<stream_type>;
   //! Standard-mode state of this layer's two modules.
-  using storage_type = LayerStorage<stream_type, compute_type>;
+  using storage_type = LayerStorage<stream_type, compute_type, memory_space>;
   //! Standard-mode state of one module.
-  using module_storage_type = ModuleStorage<stream_type, compute_type>;
+  using module_storage_type = ModuleStorage<stream_type, compute_type, memory_space>;
 
  private:
   using S = stream_type;

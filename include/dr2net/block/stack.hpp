@@ -119,11 +119,12 @@ struct StackOptions {
 
 //! A parameter and its gradient under the stack's name for it ("blocks.3.f.weight").
 //! \tparam T element type: the stack's compute_type
-template <class T>
+//! \tparam Space memory space of the views (HostSpace; DeviceSpace for a device stack)
+template <class T, class Space = HostSpace>
 struct NamedParameter {
-  std::string name;     //!< Dot-separated full name, also its key in a checkpoint.
-  TensorView<T> value;  //!< The values, in the backend's memory, owned by the residual function.
-  TensorView<T> grad;   //!< Its gradient, of value's shape; backward() accumulates into it.
+  std::string name;             //!< Dot-separated full name, also its key in a checkpoint.
+  TensorView<T, Space> value;   //!< The values, in the backend's memory, owned by the residual function.
+  TensorView<T, Space> grad;    //!< Its gradient, of value's shape; backward() accumulates into it.
 };
 
 //! Predicted per-module growth of reconstruction error at (alpha, beta): the largest |root| of
@@ -149,6 +150,15 @@ inline double reconstruction_growth(Coefficients c, double lipschitz = 0.0) {
 template <class Block>
 class ReversibleStack {
  public:
+  //! Where streams, h0/out/dout and parameters live: HostSpace, or DeviceSpace on a device.
+  using memory_space = typename Block::memory_space;
+  // Every TensorView/ConstView in this class is of the stack's memory space (declared first).
+  //! A view of the backend's memory.
+  template <class U>
+  using TensorView = dr2net::TensorView<U, memory_space>;
+  //! A read-only view of the backend's memory.
+  template <class U>
+  using ConstView = dr2net::TensorView<const U, memory_space>;
   using block_type = Block;                                 //!< The layer type.
   using schedule_type = typename Block::schedule_type;      //!< The coefficient schedule, one for all layers.
   using stream_type = typename Block::stream_type;          //!< Element type of the streams x, y.
@@ -377,9 +387,9 @@ class ReversibleStack {
   }
 
   //! Every parameter with its gradient, in a fixed order.
-  std::vector<NamedParameter<compute_type>> parameters() {
+  std::vector<NamedParameter<compute_type, memory_space>> parameters() {
     live("ReversibleStack::parameters()");
-    std::vector<NamedParameter<compute_type>> out;
+    std::vector<NamedParameter<compute_type, memory_space>> out;
     for_each_parameter([&](std::string_view name, TensorView<compute_type> v, TensorView<compute_type> g) {
       out.push_back({std::string(name), v, g});
     });

@@ -98,11 +98,39 @@ class Shape {
   std::int64_t numel_ = 1;
 };
 
-//! Non-owning view of a strided tensor. `TensorView<const T>` is the read-only form.
+//! The memory space of host (CPU) memory: a view of it may be dereferenced by host code.
+struct HostSpace {
+  //! Names the space in diagnostics.
+  static constexpr const char* name = "host";
+};
+//! The memory space of a CUDA device's global memory: a view of it must not be dereferenced on
+//! the host; copy it explicitly (backend/cuda/copy.hpp) to read it there.
+struct DeviceSpace {
+  //! Names the space in diagnostics.
+  static constexpr const char* name = "device";
+};
+
+template <class T, class Space = HostSpace>
+class TensorView;
+
+namespace detail {
 template <class T>
+struct is_tensor_view : std::false_type {};
+template <class T, class S>
+struct is_tensor_view<TensorView<T, S>> : std::true_type {};
+template <class A, class B>
+inline constexpr bool same_space_v = std::is_same_v<A, B>;
+}  // namespace detail
+
+//! Non-owning view of a strided tensor in memory space `Space` (HostSpace or DeviceSpace).
+//! `TensorView<const T, Space>` is the read-only form. Views of different spaces do not convert
+//! into each other: a function written for host memory does not compile with a device view (and
+//! the reverse); data moves between spaces only through explicit copies.
+template <class T, class Space>
 class TensorView {
  public:
   using value_type = std::remove_const_t<T>;  //!< Element type without const (float for a `TensorView<const float>`).
+  using memory_space = Space;                 //!< Where the elements live: HostSpace or DeviceSpace.
   //! Per-dimension strides in elements (not bytes); entries at and beyond rank() are unused.
   using Strides = std::array<std::int64_t, kMaxRank>;
 
@@ -136,11 +164,22 @@ class TensorView {
     }
   }
 
-  //! A mutable view converts to a read-only one.
-  operator TensorView<const T>() const  // NOLINT(google-explicit-constructor)
+  //! A mutable view converts to a read-only one of the same space.
+  operator TensorView<const T, Space>() const  // NOLINT(google-explicit-constructor)
     requires(!std::is_const_v<T>)
   {
-    return TensorView<const T>(data_, shape_, strides_);
+    return TensorView<const T, Space>(data_, shape_, strides_);
+  }
+
+  //! Refuses, at compile time, a view of another memory space: host code cannot dereference
+  //! device memory (nor device kernels host memory). Copy between spaces explicitly.
+  template <class U, class OtherSpace>
+    requires(!detail::same_space_v<OtherSpace, Space>)
+  TensorView(const TensorView<U, OtherSpace>&) {  // NOLINT(google-explicit-constructor)
+    static_assert(detail::same_space_v<OtherSpace, Space>,
+                  "dr2net: a view of one memory space was passed where another is expected (for example a "
+                  "DEVICE view to a HOST function): copy the data explicitly (copy_to_host / copy_to_device) "
+                  "or call the function of the view's backend");
   }
 
   //! Address of element [0, ..., 0]; host or device memory, as the view's creator chose (the view
@@ -195,19 +234,32 @@ class TensorView {
   Strides strides_{};
 };
 
-//! Read-only view of elements of type `T`; what functions take for their inputs.
+//! Read-only view of elements of type `T` in `Space`; what functions take for their inputs.
+template <class T, class Space = HostSpace>
+using ConstView = TensorView<const T, Space>;
+//! A view of device memory.
 template <class T>
-using ConstView = TensorView<const T>;
+using DeviceView = TensorView<T, DeviceSpace>;
+//! A read-only view of device memory.
+template <class T>
+using ConstDeviceView = TensorView<const T, DeviceSpace>;
+
+//! The memory space a backend context's memory lives in: Ctx::memory_space.
+template <class Ctx>
+using memory_space_t = typename Ctx::memory_space;
+//! The view type of elements of T in the memory of backend context Ctx.
+template <class Ctx, class T>
+using ContextView = TensorView<T, memory_space_t<Ctx>>;
 
 //! Throws unless `v` has exactly `expected` shape; `what` names the tensor.
-template <class T>
-void check_shape(const TensorView<T>& v, const Shape& expected, std::string_view what) {
+template <class T, class S>
+void check_shape(const TensorView<T, S>& v, const Shape& expected, std::string_view what) {
   DR2NET_CHECK(v.shape() == expected, what, " has shape ", v.shape(), ", expected ", expected);
 }
 
 //! Throws unless `v` is contiguous; `what` names the tensor.
-template <class T>
-void check_contiguous(const TensorView<T>& v, std::string_view what) {
+template <class T, class S>
+void check_contiguous(const TensorView<T, S>& v, std::string_view what) {
   DR2NET_CHECK(v.is_contiguous(), what, " of shape ", v.shape(), " must be contiguous");
 }
 

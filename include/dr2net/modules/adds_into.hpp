@@ -41,9 +41,9 @@ class OutputAddsInto {
 
   //! out = F(in) + scale * addend, with `saved` as recompute leaves it. `addend` may be `out`
   //! or `in`; scale == 0 never reads it. Throws where adds_into(call) is false.
-  template <class Ctx, class T>
-  void recompute_add(const ModuleCall<Ctx>& call, ConstView<T> in, ConstView<T> addend, double scale,
-                     TensorView<T> out, TensorView<T> saved) {
+  template <class Ctx, class T, class S>
+  void recompute_add(const ModuleCall<Ctx>& call, TensorView<const T, S> in, TensorView<const T, S> addend,
+                     double scale, TensorView<T, S> out, TensorView<T, S> saved) {
     const std::string what = std::string(Derived::type_name) + " recompute_add: addend";
     check_shape(addend, in.shape(), what);
     check_contiguous(addend, what);

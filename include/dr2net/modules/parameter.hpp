@@ -22,6 +22,7 @@
 #include <unistd.h>
 #endif
 
+#include "dr2net/block/residual_function.hpp"
 #include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
@@ -253,6 +254,29 @@ class Parameter {
   detail::ParameterArray<T> value_, grad_;
   MovedFromGuard moved_;
 };
+
+class HostContext;  // backend/host/context.hpp
+
+//! The parameter type of backend Ctx for elements of T: Parameter<T> on HostContext,
+//! DeviceParameter<T> on CudaContext (modules/cuda/parameter.cuh). Residual functions written
+//! once over the backend (Linear, LayerNorm, VitAttention, VitMlp) hold their tensors as
+//! parameter_t<T, Ctx>.
+template <class T, class Ctx>
+struct parameter_of;
+//! The host's parameters: Parameter<T>.
+template <class T>
+struct parameter_of<T, HostContext> {
+  using type = Parameter<T>;  //!< Host memory, named, with a same-shaped gradient.
+  //! Constructs the tensor `name` of `shape` (the host needs no context).
+  static type make(HostContext*, std::string name, const Shape& shape) { return type(std::move(name), shape); }
+};
+//! parameter_of<T, Ctx>::type.
+template <class T, class Ctx>
+using parameter_t = typename parameter_of<T, Ctx>::type;
+
+//! Whether backend context Ctx works on host memory (its views are HostSpace views).
+template <class Ctx>
+inline constexpr bool is_host_context_v = std::is_same_v<typename detail::space_of_context<Ctx>::type, HostSpace>;
 
 namespace detail {
 

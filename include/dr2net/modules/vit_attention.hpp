@@ -1,6 +1,6 @@
 #pragma once
 //! \file
-//! VitAttention<T>: the attention residual function of a timm ViT block (pre-norm),
+//! VitAttention<T, Ctx>: the attention residual function of a timm ViT block (pre-norm),
 //!
 //!   F(h) = DropPath(Dropout(proj(attn(norm1(h)))))
 //!   attn(x): qkv = x Wqkv^T + bqkv, per token laid out as (3, heads, head_dim);
@@ -11,9 +11,19 @@
 //! so that a stack names them blocks.{i}.norm1.weight and so on. Drop-path and dropout apply
 //! only when the call is training, with masks replayed from Philox (modules/drop.hpp).
 //!
-//! Saved internals (what backward reads), for an input [B, N, D] with M = B N rows:
-//!   xn [M, D] (norm1 output), mean [M], rstd [M], qkv [M, 3D], probs [B, H, N, N],
-//!   ctx [M, D] (attention output before proj).
+//! Written once over the backend primitives (backend/host/primitives.hpp and its CUDA twin)
+//! and instantiated for HostContext (the default) and CudaContext (modules/cuda/vit_attention.cuh
+//! names that CudaVitAttention<T>). q, k and v are moved to the head-major layout
+//! [3, B, H, N, hd] (HeadLayout), so each attention GEMM is ONE strided-batched call over all
+//! B x H heads (stride N hd), and the softmax one call over all B H N rows.
+//!
+//! Saved internals (what backward reads), for an input [B, N, D] with M = B N rows
+//! (SavedLayoutBuilder: packed on the host, 256-byte aligned regions on a device):
+//!   mean [M], rstd [M] (accumulate_t<T>), xn [M, D] (norm1 output), qkv [3, B, H, N, hd]
+//!   (head-major), probs [B, H, N, N], ctx [M, D] (attention output before proj, token rows).
+//! Temporaries (from the context, metered as Scratch, freed before return): forward the qkv rows
+//! [M, 3D] and the head-major output [M, D]; backward dctx, dq/dk/dv (twice: head-major and
+//! rows), dP [B, H, N, N] and dxn.
 
 #include <cmath>
 #include <cstddef>
@@ -21,18 +31,19 @@
 #include <string>
 #include <string_view>
 
-#include "dr2net/backend/host/context.hpp"
-#include "dr2net/backend/host/gemm.hpp"
-#include "dr2net/backend/host/softmax.hpp"
+#include "dr2net/backend/host/primitives.hpp"
 #include "dr2net/block/residual_function.hpp"
 #include "dr2net/core/checked.hpp"
+#include "dr2net/core/compute_type.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
+#include "dr2net/modules/activation.hpp"
 #include "dr2net/modules/adds_into.hpp"
 #include "dr2net/modules/drop.hpp"
 #include "dr2net/modules/layer_norm.hpp"
 #include "dr2net/modules/linear.hpp"
+#include "dr2net/modules/saved_layout.hpp"
 
 namespace dr2net {
 
@@ -45,28 +56,50 @@ struct VitAttentionConfig {
   double proj_drop = 0.0;      //!< dropout rate on the output (timm's proj_drop), in [0, 1)
 };
 
-//! The host attention residual function of a pre-norm timm ViT block (see the file comment
-//! for the math and the saved layout), a ResidualFunction with the optional adds-into members.
-//! Inputs are contiguous [B, N, D] (batch, tokens, width D = config().dim); parameters load by
-//! timm name ("norm1.weight", "attn.qkv.weight", ...). Every member that takes a view checks
-//! its shape and throws dr2net::Error naming the member, the view and the sizes.
-//! \tparam T compute type (float or double).
-template <class T>
-class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAddsInto<VitAttention<T>> {
+//! The attention residual function of a pre-norm timm ViT block (see the file comment for the
+//! math and the saved layout), a ResidualFunction with the optional adds-into members.
+//! Inputs are contiguous [B, N, D] (batch, tokens, width D = config().dim) in the backend's
+//! memory; parameters load by timm name ("norm1.weight", "attn.qkv.weight", ...). Every member
+//! that takes a view checks its shape (on the host, before anything is enqueued) and throws
+//! dr2net::Error naming the member, the view and the sizes. On a device backend the work is
+//! only enqueued on call.context's stream. Not thread-safe.
+//! \tparam T compute type (float or double; also bf16/fp16 on the device)
+//! \tparam Ctx backend context: HostContext (default) or CudaContext
+template <class T, class Ctx = HostContext>
+class VitAttention : public NamedParameterSet<VitAttention<T, Ctx>>, public OutputAddsInto<VitAttention<T, Ctx>> {
  public:
   //! Names this function in error messages.
-  static constexpr std::string_view type_name = "VitAttention";
-  using value_type = T;  //!< Compute type of parameters, activations and saved internals.
+  static constexpr std::string_view type_name = is_host_context_v<Ctx> ? "VitAttention" : "CudaVitAttention";
+  using value_type = T;      //!< Compute type of parameters, activations and saved internals.
+  using context_type = Ctx;  //!< The backend: members take ModuleCall<Ctx> and views of its memory.
+  //! Accumulation type: GEMM scalars and the saved LayerNorm statistics (T on the host).
+  using A = accumulate_t<T>;
   //! Keep timm's names verbatim inside a block.
   static constexpr std::string_view parameter_prefix = "";
+  //! A view of the backend's memory.
+  template <class U>
+  using View = TensorView<U, memory_space_t<Ctx>>;
 
-  //! Validates the configuration; weights are initialised as timm does (trunc_normal std
-  //! 0.02, biases 0, LayerNorm 1/0), deterministically from `seed`.
+  //! A host function: validates the configuration; weights are initialised as timm does
+  //! (trunc_normal std 0.02, biases 0, LayerNorm 1/0), deterministically from `seed`.
   explicit VitAttention(const VitAttentionConfig& config, std::uint64_t seed = 0)
-      : config_(validated(config)), norm1_("norm1", config.dim, config.eps),
-        qkv_("attn.qkv", config.dim, checked::mul(3, config.dim, "VitAttention: qkv width 3 x dim")), proj_("attn.proj", config.dim, config.dim) {
-    qkv_.init(seed, 0);
-    proj_.init(seed, 1);
+    requires is_host_context_v<Ctx>
+      : VitAttention(nullptr, validated(config), FunctionOptions{}) {
+    init(seed);
+  }
+  //! The same on `ctx`: on a device the weights are drawn exactly as VitAttention<float>(config,
+  //! seed) draws them (on the host), then copied and converted to T.
+  VitAttention(Ctx& ctx, const VitAttentionConfig& config, std::uint64_t seed = 0, FunctionOptions options = {})
+      : VitAttention(&ctx, validated(config), options) {
+    if constexpr (is_host_context_v<Ctx>) init(seed);
+    else copy_from(VitAttention<float, HostContext>(config, seed));
+  }
+  //! A copy of a host function on `ctx`: its configuration and parameters, converted to T.
+  //! Throws dr2net::Error naming the tensor when memory runs out.
+  template <class U>
+  VitAttention(Ctx& ctx, const VitAttention<U, HostContext>& host, FunctionOptions options = {})
+      : VitAttention(&ctx, host.config(), options) {
+    copy_from(host);
   }
 
   //! The validated configuration this function was built with.
@@ -74,17 +107,25 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
   //! Width of one head, D / H; the attention logits are scaled by head_dim()^-0.5.
   std::int64_t head_dim() const noexcept { return config_.dim / config_.num_heads; }
   //! The pre-norm LayerNorm "norm1" over width D.
-  LayerNorm<T>& norm1() noexcept { return norm1_; }
+  LayerNorm<T, Ctx>& norm1() noexcept { return norm1_; }
   //! The input projection "attn.qkv", D -> 3D; each output row is laid out (3, heads, head_dim).
-  Linear<T>& qkv() noexcept { return qkv_; }
+  Linear<T, Ctx>& qkv() noexcept { return qkv_; }
   //! The output projection "attn.proj", D -> D, applied to the concatenated heads.
-  Linear<T>& proj() noexcept { return proj_; }
+  Linear<T, Ctx>& proj() noexcept { return proj_; }
   //! Read-only norm1(): the LayerNorm "norm1".
-  const LayerNorm<T>& norm1() const noexcept { return norm1_; }
+  const LayerNorm<T, Ctx>& norm1() const noexcept { return norm1_; }
   //! Read-only qkv(): the Linear "attn.qkv", D -> 3D.
-  const Linear<T>& qkv() const noexcept { return qkv_; }
+  const Linear<T, Ctx>& qkv() const noexcept { return qkv_; }
   //! Read-only proj(): the Linear "attn.proj", D -> D.
-  const Linear<T>& proj() const noexcept { return proj_; }
+  const Linear<T, Ctx>& proj() const noexcept { return proj_; }
+
+  //! Sets every tensor from a host function of the same configuration (converted to T).
+  template <class U>
+  void copy_from(const VitAttention<U, HostContext>& host) {
+    norm1_.copy_from(host.norm1(), type_name);
+    qkv_.copy_from(host.qkv(), type_name);
+    proj_.copy_from(host.proj(), type_name);
+  }
 
   //! Elements of saved internals for an input [B, N, D] (see the file comment).
   //! Throws dr2net::Error when `in` is not rank 3, its width is not D, a dimension is empty,
@@ -94,76 +135,79 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
   //! out[B, N, D] = F(in); `scratch` (at least saved_elements(in) elements) holds the
   //! internals afterwards, as recompute leaves them. Dropout and drop-path apply only when
   //! call.training, with masks drawn from (call.seed, call.step, call.module).
-  void forward(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> scratch) {
+  void forward(const ModuleCall<Ctx>& call, View<const T> in, View<T> out, View<T> scratch) {
     recompute(call, in, out, scratch);  // the saved internals are the forward's own temporaries
   }
 
   //! out = F(in), bit-identical to forward() for the same call, and `saved` (at least
   //! saved_elements(in) elements) holds the internals backward() reads.
-  void recompute(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved) {
+  void recompute(const ModuleCall<Ctx>& call, View<const T> in, View<T> out, View<T> saved) {
     compute(call, in, out, saved, nullptr, 0.0);
   }
 
   //! grad_in += J_F(in)^T grad_out and every parameter gradient += its share (nothing is
   //! overwritten). `saved` must be what recompute() left for this `in` and call (the same
-  //! masks are replayed). Temporaries (dqkv, one N x N dP) come from call.context, metered
-  //! as Scratch, and are freed before it returns.
-  void backward(const ModuleCall<HostContext>& call, ConstView<T> in, ConstView<T> saved, ConstView<T> grad_out,
-                TensorView<T> grad_in) {
+  //! masks are replayed). Temporaries come from call.context, metered as Scratch, and are
+  //! freed before it returns.
+  void backward(const ModuleCall<Ctx>& call, View<const T> in, View<const T> saved, View<const T> grad_out,
+                View<T> grad_in) {
     const Layout L = layout(in.shape());
     check_views(in, grad_in, saved.size(), L, "backward");
-    check_shape(grad_out, in.shape(), "VitAttention backward: grad_out");
-    const std::int64_t B = L.batch, N = L.tokens, D = config_.dim, H = config_.num_heads, hd = head_dim();
+    check_shape(grad_out, in.shape(), std::string(type_name) + " backward: grad_out");
+    Ctx& cx = call.context;
+    const std::int64_t BH = L.batch * config_.num_heads, N = L.tokens, hd = head_dim();
     const T* s = saved.data();
-    const T *xn = s + L.xn, *mean = s + L.mean, *rstd = s + L.rstd, *qkv = s + L.qkv, *probs = s + L.probs,
-            *ctx = s + L.ctx;
-    HostContext& cx = call.context;
+    const A* mean = reinterpret_cast<const A*>(s + L.mean);
+    const A* rstd = reinterpret_cast<const A*>(s + L.rstd);
+    const T *xn = s + L.xn, *q = s + L.qkv, *probs = s + L.probs, *ctx = s + L.ctx;
+    const T *k = q + L.heads_elements, *v = k + L.heads_elements;
     const auto n = in.size();
 
     // dL/d(proj output) = grad_out * mask: the same factor the forward multiplied by.
     const T* g = grad_out.data();
-    HostBuffer<T> masked;
-    const DropScale<T> drop = output_drop(call, L);
+    decltype(cx.template allocate<T>(std::size_t{}, MemoryCategory::Scratch)) masked;
+    const DropScale<A> drop = output_drop(call, L);
     if (drop.active()) {
-      masked = cx.allocate<T>(n, MemoryCategory::Scratch);
-      for_each_index(cx, n, ApplyDropScale<T>{masked.data(), g, drop});
+      masked = cx.template allocate<T>(n, MemoryCategory::Scratch, "attention backward: masked gradient");
+      for_each_index(cx, n, DropApply<T>{masked.data(), g, drop});
       g = masked.data();
     }
-
-    HostBuffer<T> dctx = cx.allocate<T>(n, MemoryCategory::Scratch);
-    proj_.backward(ctx, g, L.rows, dctx.data());
+    auto dctx = cx.template allocate<T>(n, MemoryCategory::Scratch, "attention backward: dctx");
+    proj_.backward(cx, ctx, g, L.rows, dctx.data());
     masked.reset();
-
-    const T scale = attention_scale();
-    // Both no larger than regions of the checked layout (qkv, probs).
-    HostBuffer<T> dqkv = cx.allocate<T>(static_cast<std::size_t>(L.rows * 3 * D), MemoryCategory::Scratch,
-                                        "VitAttention backward: dqkv");
-    HostBuffer<T> dp = cx.allocate<T>(static_cast<std::size_t>(N * N), MemoryCategory::Scratch,
-                                      "VitAttention backward: dP");
-    for (std::int64_t b = 0; b < B; ++b) {
-      for (std::int64_t h = 0; h < H; ++h) {
-        const T* q = qkv + b * N * 3 * D + h * hd;
-        const T *k = q + D, *v = q + 2 * D;
-        const T* p = probs + (b * H + h) * N * N;
-        const T* dc = dctx.data() + b * N * D + h * hd;
-        T* dq = dqkv.data() + b * N * 3 * D + h * hd;
-        T *dk = dq + D, *dv = dq + 2 * D;
-        host_gemm<T>(Transpose::No, Transpose::Yes, N, N, hd, T(1), dc, D, v, 3 * D, T(0), dp.data(), N);  // dP = dc v^T
-        host_gemm<T>(Transpose::Yes, Transpose::No, N, hd, N, T(1), p, N, dc, D, T(0), dv, 3 * D);          // dv = P^T dc
-        softmax_rows_backward_inplace(p, dp.data(), N, N, N, scale);  // dS s = s P (dP - rowsum(dP P))
-        host_gemm<T>(Transpose::No, Transpose::No, N, hd, N, T(1), dp.data(), N, k, 3 * D, T(0), dq, 3 * D);  // dq = dS k
-        host_gemm<T>(Transpose::Yes, Transpose::No, N, hd, N, T(1), dp.data(), N, q, 3 * D, T(0), dk, 3 * D);  // dk = dS^T q
-      }
-    }
-    dp.reset();
+    auto dctx_heads = cx.template allocate<T>(n, MemoryCategory::Scratch, "attention backward: dctx (heads)");
+    for_each_index(cx, n, head_layout(dctx_heads.data(), dctx.data(), L, 1, true));
     dctx.reset();
-    HostBuffer<T> dxn = cx.allocate<T>(n, MemoryCategory::Scratch);
-    qkv_.backward(xn, dqkv.data(), L.rows, dxn.data());
+
+    const A scale = attention_scale();
+    // Both no larger than regions of the checked layout (qkv, probs).
+    auto dqkv_heads = cx.template allocate<T>(3 * L.heads_elements, MemoryCategory::Scratch,
+                                              "attention backward: dq, dk, dv (heads)");
+    T *dq = dqkv_heads.data(), *dk = dq + L.heads_elements, *dv = dk + L.heads_elements;
+    auto dp = cx.template allocate<T>(L.probs_elements, MemoryCategory::Scratch, "attention backward: dP");
+    const T* dc = dctx_heads.data();
+    const std::int64_t sh = N * hd, sp = N * N;
+    gemm_strided_batched<T>(cx, Transpose::No, Transpose::Yes, N, N, hd, A(1), dc, hd, sh, v, hd, sh, A(0), dp.data(),
+                            N, sp, BH, tf32_);  // dP = dc v^T
+    gemm_strided_batched<T>(cx, Transpose::Yes, Transpose::No, N, hd, N, A(1), probs, N, sp, dc, hd, sh, A(0), dv, hd,
+                            sh, BH, tf32_);  // dv = P^T dc
+    softmax_rows_backward_inplace<T>(cx, probs, dp.data(), BH * N, N, N, scale);  // dS s = s P (dP - rowsum(dP P))
+    gemm_strided_batched<T>(cx, Transpose::No, Transpose::No, N, hd, N, A(1), dp.data(), N, sp, k, hd, sh, A(0), dq,
+                            hd, sh, BH, tf32_);  // dq = dS k
+    gemm_strided_batched<T>(cx, Transpose::Yes, Transpose::No, N, hd, N, A(1), dp.data(), N, sp, q, hd, sh, A(0), dk,
+                            hd, sh, BH, tf32_);  // dk = dS^T q
+    dp.reset();
+    dctx_heads.reset();
+    auto dqkv = cx.template allocate<T>(3 * L.heads_elements, MemoryCategory::Scratch, "attention backward: dqkv");
+    for_each_index(cx, 3 * L.heads_elements, head_layout(dqkv.data(), dqkv_heads.data(), L, 3, false));
+    dqkv_heads.reset();
+    auto dxn = cx.template allocate<T>(n, MemoryCategory::Scratch, "attention backward: dxn");
+    qkv_.backward(cx, xn, dqkv.data(), L.rows, dxn.data());
     dqkv.reset();
-    norm1_.backward(in.data(), mean, rstd, dxn.data(), L.rows, grad_in.data());  // accumulates into grad_in
+    norm1_.backward(cx, in.data(), mean, rstd, dxn.data(), L.rows, grad_in.data());  // accumulates into grad_in
   }
 
-  //! fn(Parameter<T>&) in the order of for_each_parameter.
+  //! fn(parameter&) in the order of for_each_parameter: norm1, qkv, proj (weight, then bias).
   template <class Fn>
   void for_each_parameter_object(Fn&& fn) {
     norm1_.for_each_parameter_object(fn);
@@ -172,44 +216,69 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
   }
 
  private:
-  friend class OutputAddsInto<VitAttention<T>>;
+  friend class OutputAddsInto<VitAttention<T, Ctx>>;
   double output_drop_path() const { return config_.drop_path; }
   double output_dropout() const { return config_.proj_drop; }
 
+  VitAttention(Ctx* ctx, const VitAttentionConfig& config, FunctionOptions options)
+      : config_(validated(config)), norm1_(make_layer_norm<T>(ctx, "norm1", config.dim, config.eps)),
+        qkv_(make_linear<T>(ctx, "attn.qkv", config.dim,
+                            checked::mul(3, config.dim, "VitAttention: qkv width 3 x dim"), options)),
+        proj_(make_linear<T>(ctx, "attn.proj", config.dim, config.dim, options)), tf32_(options.allow_tf32) {}
+
+  void init(std::uint64_t seed)
+    requires is_host_context_v<Ctx>
+  {
+    qkv_.init(seed, 0);
+    proj_.init(seed, 1);
+  }
+
   //! F(in) into out (+ addend_scale * addend when addend is not null), internals into saved.
-  void compute(const ModuleCall<HostContext>& call, ConstView<T> in, TensorView<T> out, TensorView<T> saved,
-               const T* addend, double addend_scale) {
+  void compute(const ModuleCall<Ctx>& call, View<const T> in, View<T> out, View<T> saved, const T* addend,
+               double addend_scale) {
     const Layout L = layout(in.shape());
     check_views(in, out, saved.size(), L, "forward");
-    const std::int64_t B = L.batch, N = L.tokens, D = config_.dim, H = config_.num_heads, hd = head_dim();
+    Ctx& cx = call.context;
+    const std::int64_t BH = L.batch * config_.num_heads, N = L.tokens, hd = head_dim();
     T* s = saved.data();
-    T *xn = s + L.xn, *mean = s + L.mean, *rstd = s + L.rstd, *qkv = s + L.qkv, *probs = s + L.probs, *ctx = s + L.ctx;
+    A* mean = reinterpret_cast<A*>(s + L.mean);
+    A* rstd = reinterpret_cast<A*>(s + L.rstd);
+    T *xn = s + L.xn, *q = s + L.qkv, *probs = s + L.probs, *ctx = s + L.ctx;
+    const T *k = q + L.heads_elements, *v = k + L.heads_elements;
 
-    norm1_.forward(in.data(), L.rows, xn, mean, rstd);
-    qkv_.forward(xn, L.rows, qkv);
-    const T scale = attention_scale();
-    for (std::int64_t b = 0; b < B; ++b) {
-      for (std::int64_t h = 0; h < H; ++h) {
-        // q, k, v of (b, h): N x hd blocks of the qkv rows, leading dimension 3D.
-        const T* q = qkv + b * N * 3 * D + h * hd;
-        const T *k = q + D, *v = q + 2 * D;
-        T* p = probs + (b * H + h) * N * N;
-        host_gemm<T>(Transpose::No, Transpose::Yes, N, N, hd, scale, q, 3 * D, k, 3 * D, T(0), p, N);  // S = q k^T s
-        softmax_rows_inplace(p, N, N, N);                                                              // P = softmax(S)
-        host_gemm<T>(Transpose::No, Transpose::No, N, hd, N, T(1), p, N, v, 3 * D, T(0), ctx + b * N * D + h * hd,
-                     D);  // ctx[b, :, head h] = P v
-      }
+    norm1_.forward(cx, in.data(), L.rows, xn, mean, rstd);
+    {
+      auto rows = cx.template allocate<T>(3 * L.heads_elements, MemoryCategory::Scratch, "attention: qkv rows");
+      qkv_.forward(cx, xn, L.rows, rows.data());
+      for_each_index(cx, 3 * L.heads_elements, head_layout(q, rows.data(), L, 3, true));
     }
-    proj_.forward_add(ctx, L.rows, addend, static_cast<T>(addend_scale), out.data());
-    const DropScale<T> drop = output_drop(call, L);
-    if (drop.active()) for_each_index(call.context, out.size(), ApplyDropScale<T>{out.data(), out.data(), drop});
+    const A scale = attention_scale();
+    const std::int64_t sh = N * hd, sp = N * N;
+    gemm_strided_batched<T>(cx, Transpose::No, Transpose::Yes, N, N, hd, scale, q, hd, sh, k, hd, sh, A(0), probs, N,
+                            sp, BH, tf32_);           // S = q k^T s
+    softmax_rows_inplace<T>(cx, probs, BH * N, N, N);  // P = softmax(S)
+    {
+      auto heads = cx.template allocate<T>(L.heads_elements, MemoryCategory::Scratch, "attention: output (heads)");
+      gemm_strided_batched<T>(cx, Transpose::No, Transpose::No, N, hd, N, A(1), probs, N, sp, v, hd, sh, A(0),
+                              heads.data(), hd, sh, BH, tf32_);  // P v, head-major
+      for_each_index(cx, L.heads_elements, head_layout(ctx, heads.data(), L, 1, false));  // concatenate heads
+    }
+    proj_.forward_add(cx, ctx, L.rows, addend, static_cast<A>(addend_scale), out.data());
+    const DropScale<A> drop = output_drop(call, L);
+    if (drop.active()) for_each_index(cx, out.size(), DropApply<T>{out.data(), out.data(), drop});
   }
 
   //! Offsets of the saved internals in the scratch, and their total.
   struct Layout {
     std::int64_t batch = 0, tokens = 0, rows = 0;
-    std::size_t xn = 0, mean = 0, rstd = 0, qkv = 0, probs = 0, ctx = 0, total = 0;
+    std::size_t heads_elements = 0;  //!< M D: one of q, k, v, or the attention output
+    std::size_t probs_elements = 0;  //!< B H N^2
+    std::size_t mean = 0, rstd = 0, xn = 0, qkv = 0, probs = 0, ctx = 0, total = 0;
   };
+
+  HeadLayout<T> head_layout(T* dst, const T* src, const Layout& L, std::int64_t groups, bool to_heads) const {
+    return HeadLayout<T>{dst, src, L.batch, L.tokens, groups, config_.num_heads, head_dim(), to_heads};
+  }
 
   static VitAttentionConfig validated(const VitAttentionConfig& c) {
     DR2NET_CHECK(c.dim > 0, "VitAttention: dim must be positive, got ", c.dim);
@@ -222,10 +291,10 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
   }
 
   Layout layout(const Shape& in) const {
-    DR2NET_CHECK(in.rank() == 3, "VitAttention: input must be [batch, tokens, width], got shape ", in);
-    DR2NET_CHECK(in.last() == config_.dim, "VitAttention: input width ", in.last(), " does not match dim ",
+    DR2NET_CHECK(in.rank() == 3, type_name, ": input must be [batch, tokens, width], got shape ", in);
+    DR2NET_CHECK(in.last() == config_.dim, type_name, ": input width ", in.last(), " does not match dim ",
                  config_.dim, " (input shape ", in, ")");
-    DR2NET_CHECK(in[0] > 0 && in[1] > 0, "VitAttention: input shape ", in, " has an empty batch or token dimension");
+    DR2NET_CHECK(in[0] > 0 && in[1] > 0, type_name, ": input shape ", in, " has an empty batch or token dimension");
     Layout L;
     L.batch = in[0];
     L.tokens = in[1];
@@ -233,39 +302,45 @@ class VitAttention : public NamedParameterSet<VitAttention<T>>, public OutputAdd
     // Every size in checked arithmetic: batch x heads x tokens^2 overflows int64 long before
     // the streams do, and a wrapped size would under-allocate the scratch.
     const std::int64_t Bt = L.batch, M = L.rows, D = config_.dim, H = config_.num_heads, N = L.tokens;
-    checked::RegionLayout r("VitAttention saved internals");
-    L.xn = static_cast<std::size_t>(r.take({M, D}, "xn (rows x dim)"));
-    L.mean = static_cast<std::size_t>(r.take({M}, "mean (rows)"));
-    L.rstd = static_cast<std::size_t>(r.take({M}, "rstd (rows)"));
-    L.qkv = static_cast<std::size_t>(r.take({M, 3, D}, "qkv (rows x 3 x dim)"));
-    L.probs = static_cast<std::size_t>(
-        r.take({Bt, H, N, N}, "attention probabilities (batch x heads x tokens x tokens)"));
-    L.ctx = static_cast<std::size_t>(r.take({M, D}, "ctx (rows x dim)"));
-    L.total = static_cast<std::size_t>(r.total());
-    (void)checked::bytes(r.total(), sizeof(T), "VitAttention saved internals (bytes)");
+    SavedLayoutBuilder<T, Ctx> b(is_host_context_v<Ctx> ? "VitAttention saved internals"
+                                                        : "CudaVitAttention saved internals");
+    L.mean = b.take_acc(M, "mean (rows)");
+    L.rstd = b.take_acc(M, "rstd (rows)");
+    L.xn = b.take({M, D}, "xn (rows x dim)");
+    L.qkv = b.take({M, 3, D}, "qkv (rows x 3 x dim)");
+    L.probs = b.take({Bt, H, N, N}, "attention probabilities (batch x heads x tokens x tokens)");
+    L.ctx = b.take({M, D}, "ctx (rows x dim)");
+    L.total = b.total();
+    L.heads_elements = static_cast<std::size_t>(M * D);
+    L.probs_elements = static_cast<std::size_t>(Bt * H * N * N);  // a region above: checked
+    (void)checked::bytes(b.regions.total(), sizeof(T), "VitAttention saved internals (bytes)");
     return L;
   }
 
   //! Contiguous input and output (or input gradient) of one shape, and enough saved space.
-  static void check_views(ConstView<T> in, TensorView<T> out, std::size_t saved, const Layout& L, const char* where) {
+  static void check_views(View<const T> in, View<T> out, std::size_t saved, const Layout& L, const char* where) {
     const bool fwd = std::string_view(where) == "forward";
-    const std::string what = std::string("VitAttention ") + where + ": " + (fwd ? "output" : "grad_in");
-    check_contiguous(in, std::string("VitAttention ") + where + ": input");
+    const std::string me = std::string(type_name) + " " + where + ": ";
+    const std::string what = me + (fwd ? "output" : "grad_in");
+    check_contiguous(in, me + "input");
     check_contiguous(out, what);
     check_shape(out, in.shape(), what);
-    DR2NET_CHECK(saved >= L.total, "VitAttention ", where, ": saved/scratch holds ", saved, " elements, needs ", L.total);
+    DR2NET_CHECK(saved >= L.total, type_name, " ", where, ": saved/scratch holds ", saved, " elements, needs ",
+                 L.total);
   }
 
-  T attention_scale() const { return static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim()))); }
+  //! hd^-0.5, rounded from double to the accumulation type.
+  A attention_scale() const { return static_cast<A>(1.0 / std::sqrt(static_cast<double>(head_dim()))); }
 
-  DropScale<T> output_drop(const ModuleCall<HostContext>& call, const Layout& L) const {
-    return make_drop_scale<T>(call, config_.drop_path, config_.proj_drop, RandomPurpose::OutputDropout,
+  DropScale<A> output_drop(const ModuleCall<Ctx>& call, const Layout& L) const {
+    return make_drop_scale<A>(call, config_.drop_path, config_.proj_drop, RandomPurpose::OutputDropout,
                               static_cast<std::uint64_t>(L.tokens * config_.dim));
   }
 
   VitAttentionConfig config_;
-  LayerNorm<T> norm1_;
-  Linear<T> qkv_, proj_;
+  LayerNorm<T, Ctx> norm1_;
+  Linear<T, Ctx> qkv_, proj_;
+  bool tf32_ = false;
 };
 
 }  // namespace dr2net

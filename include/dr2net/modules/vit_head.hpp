@@ -90,8 +90,8 @@ class VitHead {
                   "VitHead saved internals");
     T *x = saved_.data(), *xn = x + B * D, *mean = xn + B * D, *rstd = mean + B;
     for (std::int64_t b = 0; b < B; ++b) std::copy_n(tokens.data() + b * N * D, D, x + b * D);  // class tokens
-    norm_.forward(x, B, xn, mean, rstd);
-    head_.forward(xn, B, logits.data());
+    norm_.forward(*ctx_, x, B, xn, mean, rstd);
+    head_.forward(*ctx_, xn, B, logits.data());
     batch_ = B;
     tokens_ = N;
     pending_ = true;
@@ -109,9 +109,9 @@ class VitHead {
     check_shape(grad_tokens, Shape{B, N, D}, "VitHead backward: grad_tokens");
     const T *x = saved_.data(), *xn = x + B * D, *mean = xn + B * D, *rstd = mean + B;
     HostBuffer<T> dxn = ctx_->allocate<T>(static_cast<std::size_t>(B * D), MemoryCategory::Scratch);
-    head_.backward(xn, grad_logits.data(), B, dxn.data());  // dxn = dlogits W (written)
+    head_.backward(*ctx_, xn, grad_logits.data(), B, dxn.data());  // dxn = dlogits W (written)
     for (std::int64_t b = 0; b < B; ++b)  // one row at a time: class tokens are N rows apart
-      norm_.backward(x + b * D, mean + b, rstd + b, dxn.data() + b * D, 1, grad_tokens.data() + b * N * D);
+      norm_.backward(*ctx_, x + b * D, mean + b, rstd + b, dxn.data() + b * D, 1, grad_tokens.data() + b * N * D);
   }
 
   //! visit(name, value, grad) for norm.weight, norm.bias, head.weight, head.bias.

@@ -98,6 +98,8 @@ class HostBuffer {
 //! Resources of the host backend. Every library allocation goes through allocate().
 class HostContext {
  public:
+  //! Host memory: views of this backend's buffers and parameters are TensorView<T, HostSpace>.
+  using memory_space = HostSpace;
   //! A context with the given options and an empty meter. Neither copyable nor movable: buffers and
   //! reservations keep a pointer to its meter.
   explicit HostContext(HostContextOptions options = {}) : options_(options) {}

@@ -1,7 +1,7 @@
 #pragma once
 //! \file
-//! LayerNorm over the last dimension on the device, and CudaLayerNorm<T> (the device twin of
-//! modules/layer_norm.hpp). One thread block per row, cub::BlockReduce in fp32 (fp64 for
+//! LayerNorm over the last dimension on the device (the CUDA backend's layer_norm_forward and
+//! layer_norm_backward), and CudaLayerNorm<T> = modules/layer_norm.hpp's LayerNorm<T, CudaContext>. One thread block per row, cub::BlockReduce in fp32 (fp64 for
 //! double), two passes as on the host (the variance of deviations, not E[x^2] - mean^2):
 //!
 //!   y = (x - mean) * rstd * gamma + beta,   rstd = 1 / sqrt(var + eps)
@@ -26,6 +26,7 @@
 #include "dr2net/backend/host/math.hpp"
 #include "dr2net/modules/cuda/column_sum.cuh"
 #include "dr2net/modules/cuda/parameter.cuh"
+#include "dr2net/modules/cuda/primitives.cuh"
 #include "dr2net/modules/cuda/softmax.cuh"
 #include "dr2net/modules/cuda/types.cuh"
 #include "dr2net/modules/layer_norm.hpp"
@@ -139,59 +140,9 @@ void layer_norm_backward(CudaContext& ctx, const T* x, const cuda_detail::acc_t<
   column_sums<T>(ctx, rows, d, cuda_detail::LayerNormParamGrads<T>{x, dy, mean, rstd, d}, dgamma, dbeta);
 }
 
-//! The device twin of LayerNorm<T>: weight [D], bias [D] in device memory, same names.
-//! Activations are row-major [rows, D] at device pointers; every call only enqueues kernels on
-//! the context's stream and returns without waiting. Not thread-safe.
-//! \tparam T compute type: double, float, __nv_bfloat16 or __half.
+//! The device LayerNorm layer: modules/layer_norm.hpp's LayerNorm<T, CudaContext> (weight [D],
+//! bias [D] in device memory, statistics in accumulate_t<T>).
 template <class T>
-class CudaLayerNorm {
- public:
-  //! Type of the per-row statistics mean and rstd: float for float/bf16/fp16, double for double.
-  using A = cuda_detail::acc_t<T>;
-  //! Tensors "<name>.weight" and "<name>.bias" of `dim` elements, normalising rows of width
-  //! `dim` with variance offset `eps`. Unlike the host LayerNorm both start ZERO (weight too):
-  //! load them or copy_from() a host LayerNorm before use. Throws dr2net::Error naming the
-  //! tensor when its device memory cannot be allocated.
-  CudaLayerNorm(CudaContext& ctx, const std::string& name, std::int64_t dim, double eps)
-      : dim_(dim), eps_(eps), weight_(ctx, name + ".weight", Shape{dim}), bias_(ctx, name + ".bias", Shape{dim}) {}
-
-  //! The same tensors as a host LayerNorm (converted to T).
-  template <class U>
-  void copy_from(const LayerNorm<U>& host, std::string_view owner) {
-    weight_.load(host.weight().data(), host.weight().shape(), owner);
-    bias_.load(host.bias().data(), host.bias().shape(), owner);
-  }
-
-  //! Width D of the normalised rows (the length of weight and bias).
-  std::int64_t dim() const noexcept { return dim_; }
-  //! The scale gamma "<name>.weight" [D] and its gradient, in device memory.
-  DeviceParameter<T>& weight() noexcept { return weight_; }
-  //! The shift beta "<name>.bias" [D] and its gradient, in device memory.
-  DeviceParameter<T>& bias() noexcept { return bias_; }
-
-  //! y[rows, D] = (x - mean) * rstd * weight + bias per row of x[rows, D]; also writes
-  //! mean[rows] and rstd[rows] = 1 / sqrt(var + eps) (both required, kept for backward).
-  //! All pointers are device memory.
-  void forward(CudaContext& ctx, const T* x, std::int64_t rows, T* y, A* mean, A* rstd) const {
-    layer_norm_forward<T>(ctx, x, rows, dim_, weight_.data(), bias_.data(), static_cast<A>(eps_), y, mean, rstd);
-  }
-  //! dx += J^T dy; weight and bias gradients += their share.
-  void backward(CudaContext& ctx, const T* x, const A* mean, const A* rstd, const T* dy, std::int64_t rows, T* dx) {
-    layer_norm_backward<T>(ctx, x, mean, rstd, weight_.data(), dy, rows, dim_, dx, weight_.grad_data(),
-                           bias_.grad_data());
-  }
-
-  //! fn(DeviceParameter<T>&) for weight, then bias.
-  template <class Fn>
-  void for_each_parameter_object(Fn&& fn) {
-    fn(weight_);
-    fn(bias_);
-  }
-
- private:
-  std::int64_t dim_;
-  double eps_;
-  DeviceParameter<T> weight_, bias_;
-};
+using CudaLayerNorm = LayerNorm<T, CudaContext>;
 
 }  // namespace dr2net

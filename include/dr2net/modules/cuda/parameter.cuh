@@ -29,6 +29,7 @@
 #include "dr2net/core/moved_from.hpp"
 #include "dr2net/core/tensor.hpp"
 #include "dr2net/modules/cuda/types.cuh"
+#include "dr2net/modules/parameter.hpp"
 
 namespace dr2net {
 
@@ -66,9 +67,9 @@ class DeviceParameter {
   //! Device pointer to the gradient, which backward kernels accumulate into (+=).
   T* grad_data() { return live_grad("grad_data()").data(); }
   //! Contiguous view of the weights in device memory (not dereferenceable on the host).
-  TensorView<T> value() { return TensorView<T>(live("value()").data(), shape_); }
+  DeviceView<T> value() { return DeviceView<T>(live("value()").data(), shape_); }
   //! Contiguous view of the gradient in device memory (not dereferenceable on the host).
-  TensorView<T> grad() { return TensorView<T>(live_grad("grad()").data(), shape_); }
+  DeviceView<T> grad() { return DeviceView<T>(live_grad("grad()").data(), shape_); }
 
   //! Copies host `data` (converted to T) into the value after checking its shape; `owner`
   //! names the module in the error message. Waits for the copy.
@@ -113,6 +114,14 @@ class DeviceParameter {
   Shape shape_;
   DeviceBuffer<T> value_, grad_;
   MovedFromGuard moved_;
+};
+
+//! The CUDA backend's parameters: DeviceParameter<T>.
+template <class T>
+struct parameter_of<T, CudaContext> {
+  using type = DeviceParameter<T>;  //!< Device memory, named, with a same-shaped gradient.
+  //! Constructs the tensor `name` of `shape` on `*ctx` (zero-filled).
+  static type make(CudaContext* ctx, std::string name, const Shape& shape) { return type(*ctx, std::move(name), shape); }
 };
 
 }  // namespace dr2net

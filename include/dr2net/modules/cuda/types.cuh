@@ -20,24 +20,16 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "dr2net/core/compute_type.hpp"
+
 namespace dr2net::cuda_detail {
 
-//! What reductions and GEMMs of compute type T accumulate in: double for double, float otherwise.
+//! What reductions and GEMMs of compute type T accumulate in (dr2net::accumulate_t): double
+//! for double, float otherwise.
 template <class T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-//! T -> its accumulation type (bf16/fp16 widen exactly to float).
-template <class T>
-__host__ __device__ __forceinline__ acc_t<T> widen(T v) {
-  return static_cast<acc_t<T>>(v);
-}
-
-//! An accumulated value rounded to T (round to nearest even).
-template <class T, class A>
-__host__ __device__ __forceinline__ T narrow(A v) {
-  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) return static_cast<T>(v);
-  else return T(static_cast<float>(v));
-}
+using acc_t = accumulate_t<T>;
+using dr2net::narrow;
+using dr2net::widen;
 
 //! The cudaDataType of a compute type.
 template <class T>
