@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <catch2/catch.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -467,4 +469,50 @@ TEST_CASE("parameters are enumerated with stable names and their gradients", "[b
                                           "blocks.1.gate.amplitude", "blocks.1.gate.phase"});
   CHECK(ctx.meter().current(MemoryCategory::Parameters) == 2 * (16 + 4 + 4 + 4) * sizeof(float));
   CHECK(ctx.meter().current(MemoryCategory::Gradients) == ctx.meter().current(MemoryCategory::Parameters));
+}
+
+namespace {
+
+//! TanhLinear with an odd number of extra saved elements, recording where its saved slices lie.
+template <class T>
+class OddSaved : public dr2net::testing::TanhLinear<T> {
+ public:
+  OddSaved(std::int64_t width, std::mt19937_64& rng, std::vector<std::uintptr_t>* seen)
+      : dr2net::testing::TanhLinear<T>(width, rng), seen_(seen) {}
+  std::size_t saved_elements(const Shape& s) const { return dr2net::testing::TanhLinear<T>::saved_elements(s) + 3; }
+  template <class Call>
+  void backward(const Call& call, ConstView<T> in, ConstView<T> saved, ConstView<T> gout, TensorView<T> gin) {
+    seen_->push_back(reinterpret_cast<std::uintptr_t>(saved.data()));
+    seen_->push_back(reinterpret_cast<std::uintptr_t>(in.data()));
+    dr2net::testing::TanhLinear<T>::backward(call, in, saved, gout, gin);
+  }
+
+ private:
+  std::vector<std::uintptr_t>* seen_;
+};
+
+}  // namespace
+
+TEST_CASE("standard mode hands every function a slice aligned as a fresh allocation", "[block][alignment]") {
+  // Functions whose saved sizes are odd numbers of elements used to receive slices at
+  // arbitrary element offsets of the arena (on a device: misaligned fp32 statistics of a bf16
+  // function, a sticky misaligned-address error). Each slot is now a whole number of the
+  // context's allocation alignment.
+  std::mt19937_64 rng(std::random_device{}());
+  std::vector<std::uintptr_t> seen;
+  using Block = ReversibleDualResidual<OddSaved<float>, OddSaved<float>, ConstantSchedule, Fp32>;
+  std::vector<Block> layers;
+  const std::int64_t D = 5;  // a 3 x 5 stream: 15 floats, not a multiple of 16
+  for (int l = 0; l < 3; ++l) layers.emplace_back(OddSaved<float>(D, rng, &seen), OddSaved<float>(D, rng, &seen));
+  HostContext ctx;
+  StackOptions opts;
+  opts.mode = BackpropMode::Standard;
+  ReversibleStack<Block> stack(ctx, std::move(layers), ConstantSchedule(1.0, 0.5), opts);
+  const Shape shape{1, 3, D};
+  std::vector<float> h0(15), out(15), dout(15, 0.5f), dh0(15);
+  for (auto& v : h0) v = std::uniform_real_distribution<float>(-1, 1)(rng);
+  stack.forward(ConstView<float>(h0.data(), shape), TensorView<float>(out.data(), shape), 0);
+  stack.backward(ConstView<float>(dout.data(), shape), TensorView<float>(dh0.data(), shape));
+  REQUIRE(seen.size() == 12);  // six modules, each its saved slice and its stored input
+  for (std::uintptr_t p : seen) CHECK(p % HostContext::allocation_alignment == 0);
 }

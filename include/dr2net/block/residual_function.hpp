@@ -36,9 +36,9 @@
 //! `static constexpr std::string_view parameter_prefix = "...";` replaces the block's default
 //! "f"/"g" prefix of its parameter names (an empty prefix keeps the names as they are).
 //! All views handed to it are contiguous and have the stream's shape (scratch: rank 1).
-//! Views are typed by memory space: the ConstView<T>/TensorView<T> above are of the space of
-//! the function's backend, TensorView<T, function_space_t<F>> (HostSpace for HostContext,
-//! DeviceSpace for CudaContext, i.e. DeviceView<T>), so a host function cannot be handed device
+//! Views are typed by memory space: the `ConstView<T>` and `TensorView<T>` above are of the space
+//! of the function's backend, `TensorView<T, function_space_t<F>>` (HostSpace for HostContext,
+//! DeviceSpace for CudaContext, i.e. `DeviceView<T>`), so a host function cannot be handed device
 //! memory: that does not compile.
 
 #include <concepts>

@@ -702,10 +702,12 @@ class ReversibleStack {
     if (standard) {
       const std::string inputs = "ReversibleStack: standard mode's stored inputs (" + std::to_string(num_modules()) +
                                  " modules x the stream)" + at;
-      (void)checked::bytes(checked::mul(n, num_modules(), inputs.c_str()), sizeof(S), inputs.c_str());
+      (void)checked::bytes(checked::mul(static_cast<std::int64_t>(aligned_slot<S>(static_cast<std::size_t>(n))),
+                                        num_modules(), inputs.c_str()),
+                           sizeof(S), inputs.c_str());
       const std::string saved = "ReversibleStack: standard mode's saved internals of all modules" + at;
       for (std::size_t sz : saved_sizes_)
-        saved_total = checked::add(saved_total, checked::to_int64(sz, saved.c_str()), saved.c_str());
+        saved_total = checked::add(saved_total, checked::to_int64(aligned_slot<C>(sz), saved.c_str()), saved.c_str());
       bytes(saved_total, sizeof(C), "standard mode's saved internals of all modules");
     }
     if (num_snapshots_ > 0) {
@@ -713,6 +715,17 @@ class ReversibleStack {
       bytes(checked::product({2, n, num_snapshots_}, snaps.c_str()), sizeof(S), "the stream snapshots");
     }
     return static_cast<std::size_t>(saved_total);
+  }
+
+  //! `elements` of T rounded up to a whole number of the context's allocation alignment
+  //! (context_type::allocation_alignment bytes: 64 on the host, 256 on a device): the size of a
+  //! slot in standard mode's arenas. Sizes were checked before (check_sizes adds at most one
+  //! alignment unit per module).
+  template <class T>
+  static std::size_t aligned_slot(std::size_t elements) {
+    constexpr std::size_t unit = context_type::allocation_alignment / sizeof(T) > 0
+                                     ? context_type::allocation_alignment / sizeof(T) : 1;
+    return ceil_div(elements, unit) * unit;
   }
 
   //! ceil(a / b) without forming a + b - 1.
@@ -762,7 +775,7 @@ class ReversibleStack {
     }
     if (training && forward_mode_ != BackpropMode::ErrorBounded) snapshots_.reset();
     if (standard) {
-      ctx_->reserve(stored_inputs_, n * saved_sizes_.size(), MemoryCategory::SavedActivations,
+      ctx_->reserve(stored_inputs_, aligned_slot<S>(n) * saved_sizes_.size(), MemoryCategory::SavedActivations,
                     "standard mode's stored module inputs");
       ctx_->reserve(stored_saved_, saved_total, MemoryCategory::SavedActivations,
                     "standard mode's saved internals");
@@ -1028,10 +1041,12 @@ class ReversibleStack {
   //! Module m's standard-mode storage inside the two stored arenas.
   typename Block::module_storage_type module_storage(int m) {
     const auto n = static_cast<std::size_t>(shape_.numel());
+    // Every slot starts on the context's allocation alignment (slots are whole numbers of it),
+    // so each function's saved regions are as aligned as a fresh allocation would be.
     std::size_t offset = 0;
-    for (int k = 0; k < m; ++k) offset += saved_sizes_[static_cast<std::size_t>(k)];
+    for (int k = 0; k < m; ++k) offset += aligned_slot<C>(saved_sizes_[static_cast<std::size_t>(k)]);
     const std::size_t size = saved_sizes_[static_cast<std::size_t>(m)];
-    return {TensorView<S>(stored_inputs_.data() + static_cast<std::size_t>(m) * n, shape_),
+    return {TensorView<S>(stored_inputs_.data() + static_cast<std::size_t>(m) * aligned_slot<S>(n), shape_),
             TensorView<C>(stored_saved_.data() + offset, Shape{static_cast<std::int64_t>(size)})};
   }
 

@@ -67,7 +67,11 @@ template <class T>
 struct HeadLayout {
   T* dst;               //!< destination, B N G H hd elements
   const T* src;         //!< source in the other layout (never dst)
-  std::int64_t batch, tokens, groups, heads, head_dim;  //!< B, N, G, H, hd
+  std::int64_t batch;     //!< B
+  std::int64_t tokens;    //!< N
+  std::int64_t groups;    //!< G: 3 for q, k, v; 1 for the attention output
+  std::int64_t heads;     //!< H
+  std::int64_t head_dim;  //!< hd
   bool to_heads;        //!< true: rows -> heads (dst head-major); false: heads -> rows
   //! Copies the element that lands at dst[i].
   DR2NET_HD_INLINE void operator()(std::size_t i) const {

@@ -112,13 +112,13 @@ class DeviceBuffer {
   bool empty() const noexcept { return size_ == 0; }
 
   //! A contiguous view (of device memory) of the first shape.numel() elements.
-  TensorView<T> view(const Shape& shape) const {
+  DeviceView<T> view(const Shape& shape) const {
     DR2NET_CHECK(static_cast<std::size_t>(shape.numel()) <= size_, "view of shape ", shape, " needs ",
                  shape.numel(), " elements but the device buffer holds ", size_);
-    return TensorView<T>(data_, shape);
+    return DeviceView<T>(data_, shape);
   }
   //! All elements as a rank-1 view (of device memory).
-  TensorView<T> flat() const { return TensorView<T>(data_, Shape{static_cast<std::int64_t>(size_)}); }
+  DeviceView<T> flat() const { return DeviceView<T>(data_, Shape{static_cast<std::int64_t>(size_)}); }
 
   //! Frees the memory with cudaFreeAsync on the context's stream, so kernels already queued on
   //! that stream may still use it (work on other streams must be synchronised by the caller
@@ -147,6 +147,11 @@ class DeviceBuffer {
 //! Resources of the CUDA backend. Not copyable or movable: buffers point back to it.
 class CudaContext {
  public:
+  //! Device memory: views of this backend's buffers and parameters are DeviceView<T>.
+  using memory_space = DeviceSpace;
+  //! Bytes every allocation's address is a multiple of (the stream-ordered pool gives at least
+  //! 256), and what the stack aligns each slice of its arenas to (cuBLASLt and 16-byte vectors).
+  static constexpr std::size_t allocation_alignment = 256;
   //! Opens device `options.device`: sets its default memory pool to keep freed blocks (release
   //! threshold unlimited, while any context uses the pool: the last one to end restores what
   //! it found), and creates a non-blocking stream (no implicit synchronisation with the legacy

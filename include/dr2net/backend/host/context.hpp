@@ -100,6 +100,9 @@ class HostContext {
  public:
   //! Host memory: views of this backend's buffers and parameters are TensorView<T, HostSpace>.
   using memory_space = HostSpace;
+  //! Bytes every allocation's address is a multiple of (what the stack also aligns each slice
+  //! of its arenas to).
+  static constexpr std::size_t allocation_alignment = 64;
   //! A context with the given options and an empty meter. Neither copyable nor movable: buffers and
   //! reservations keep a pointer to its meter.
   explicit HostContext(HostContextOptions options = {}) : options_(options) {}
