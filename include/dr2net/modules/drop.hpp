@@ -140,16 +140,6 @@ struct DropScale {
   }
 };
 
-//! dst[i] = src[i] * scale(i) (dst may be src).
-template <class T>
-struct ApplyDropScale {
-  T* dst;              //!< output elements (host or device memory, as the launch's backend)
-  const T* src;        //!< input elements, indexed like dst; may equal dst
-  DropScale<T> scale;  //!< the masks; element i of dst and src is element i of the masked tensor
-  //! Masks and scales element `i`: one call per index of for_each_index or a device launch.
-  DR2NET_HD_INLINE void operator()(std::size_t i) const { dst[i] = src[i] * scale(static_cast<std::uint64_t>(i)); }
-};
-
 //! The masks of one call of a residual function: drop-path with rate `drop_path` over samples
 //! of `sample_elements` elements, and dropout with rate `dropout` drawn for `purpose`.
 //! Inactive (factor 1) when the call is not training or both rates are 0.

@@ -27,24 +27,4 @@ DR2NET_HD_INLINE T gelu_erf_derivative(T x) {
   return T(0.5) * (T(1) + detail::erf_of(x * kInvSqrt2)) + x * kInvSqrt2Pi * detail::exp_of(T(-0.5) * x * x);
 }
 
-//! y[i] = gelu(z[i]): the elementwise functor a backend's for_each_index applies over the
-//! MLP's hidden activations (host loop or CUDA kernel alike; pointers in that backend's memory).
-template <class T>
-struct GeluForward {
-  T* y;        //!< output, one element per index (may equal z for an in-place pass)
-  const T* z;  //!< pre-activation input, same length as y
-  //! Writes y[i] from z[i].
-  DR2NET_HD_INLINE void operator()(std::size_t i) const { y[i] = gelu_erf(z[i]); }
-};
-
-//! g[i] *= gelu'(z[i]): dL/dz from dL/dy, in place (an elementwise functor for
-//! for_each_index, as GeluForward). Needs the saved pre-activation z, not the output.
-template <class T>
-struct GeluBackward {
-  T* g;        //!< in: dL/dy; out: dL/dz, one element per index
-  const T* z;  //!< the pre-activation input the forward saw, same length as g
-  //! Scales g[i] by gelu'(z[i]).
-  DR2NET_HD_INLINE void operator()(std::size_t i) const { g[i] *= gelu_erf_derivative(z[i]); }
-};
-
 }  // namespace dr2net
