@@ -685,3 +685,22 @@ TEST_CASE("bad configurations and inputs give errors that say what is wrong", "[
                                  TensorView<float>(small.data(), Shape{10})),
                     Catch::Contains("needs"));
 }
+
+TEST_CASE("a ViT stack meters each parameter and gradient byte once, and nothing else at construction",
+          "[vit][memory]") {
+  // The device twins used to meter their parameters as Other while the stack recorded them again
+  // as Parameters and Gradients (every byte twice). With one implementation the functions meter
+  // nothing themselves, on either backend: the stack's record is the only one.
+  using Sched = ConstantSchedule;
+  HostContext ctx;
+  const VitLayerConfig cfg{16, 2, 32, 1e-6, 0.0, 0.0, DropPathRule::Linear};
+  ReversibleStack<VitLayer<float, Sched>> stack(ctx, make_vit_layers<float, Sched>(3, cfg, 7), Sched(0.5, 0.5));
+  std::size_t bytes = 0;
+  stack.for_each_parameter([&](std::string_view, TensorView<float> v, TensorView<float>) { bytes += v.size() * 4; });
+  // Per layer: norm1/norm2 2 x 2 x 16, qkv 16 x 48 + 48, proj 16 x 16 + 16, fc1 16 x 32 + 32, fc2 32 x 16 + 16.
+  CHECK(bytes == 3 * 4 * (4 * 16 + 16 * 48 + 48 + 16 * 16 + 16 + 16 * 32 + 32 + 32 * 16 + 16));
+  CHECK(ctx.meter().current(MemoryCategory::Parameters) == bytes);
+  CHECK(ctx.meter().current(MemoryCategory::Gradients) == bytes);
+  CHECK(ctx.meter().current_total() == 2 * bytes);
+  CHECK(ctx.meter().peak_total() == 2 * bytes);
+}
