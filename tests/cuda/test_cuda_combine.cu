@@ -371,6 +371,59 @@ void check_count_not_finite(CudaContext& ctx, std::mt19937_64& rng, const char* 
   }
 }
 
+// ---- operands declared by the functor ---------------------------------------------------------
+
+//! x <- (x + y) + z, z read only when not null, flagged when not finite: fields in an order no
+//! launcher could guess, and only additions (one rounding each, nothing to contract), so the
+//! device's vector path, its element path and the host agree bit for bit.
+template <class S, class C>
+struct ShuffledSum {
+  const C* z;           // optional
+  std::uint32_t* flag;  // shared flag, not an operand
+  const S* y;
+  S* x;
+  using operands = OperandList<ReadOperand<&ShuffledSum::y>, OptionalReadOperand<&ShuffledSum::z>,
+                               UpdateOperand<&ShuffledSum::x>>;
+  DR2NET_HD_INLINE void operator()(std::size_t i) const {
+    S v = x[i] + y[i];
+    if (z != nullptr) v = v + static_cast<S>(static_cast<float>(z[i]));
+    flag_if_not_finite(flag, v);
+    x[i] = v;
+  }
+};
+
+template <class S, class C>
+void check_shuffled_sum(CudaContext& ctx, std::mt19937_64& rng, const char* name) {
+  using Fn = ShuffledSum<S, C>;
+  static_assert(cuda_detail::VectorAccess<Fn>::enabled && cuda_detail::VectorAccess<Fn>::width == 8,
+                "16 bytes of the 2-byte operand: 8 elements a vector");
+  HostContext host;
+  for (std::size_t n : {std::size_t{1}, std::size_t{9}, std::size_t{1001}, std::size_t{65543}}) {
+    for (std::size_t off_z : {std::size_t{1}, std::size_t{2}}) {  // same phase as x, y (vector path), or not
+      for (bool with_z : {true, false}) {
+        for (bool bad : {false, true}) {
+          const std::string where = std::string(name) + ", n " + std::to_string(n) + (off_z == 1 ? ", vector" : ", element") +
+                                    " path" + (with_z ? "" : ", z null") + (bad ? ", a NaN in y" : "");
+          auto x = make_operand<S>(ctx, rng, n, 1), y = make_operand<S>(ctx, rng, n, 1);
+          auto z = make_operand<C>(ctx, rng, n, off_z);
+          if (bad) {
+            y.host[n / 2] = std::numeric_limits<S>::quiet_NaN();
+            copy_to_device(ctx, y.ptr(), y.host.data(), n);
+          }
+          auto flag = device_flag(ctx);
+          std::uint32_t hflag = 0;
+          for_each_index(ctx, n, Fn{with_z ? z.ptr() : nullptr, flag.data(), y.ptr(), x.ptr()});
+          for_each_index(host, n, Fn{with_z ? z.host.data() : nullptr, &hflag, y.host.data(), x.host.data()});
+          const auto got = result_of(ctx, x, n, "shuffled x");
+          GPU_CHECK(std::memcmp(got.data(), x.host.data(), n * sizeof(S)) == 0, "x differs from the host, " + where);
+          GPU_CHECK(read_flag(ctx, flag) == hflag && hflag == (bad ? 1u : 0u), "flag, " + where);
+          GPU_CHECK(result_of(ctx, y, n, "shuffled y") == y.host || bad, "y must not be written, " + where);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -722,6 +775,37 @@ int main() {
       for_each_index(ctx, count, StridedGather<float>{dd.data(), ds.data(), stride});
       for_each_index(host, count, StridedGather<float>{hs.data(), src.data(), stride});
       GPU_CHECK(to_host(ctx, dd.data(), count) == hs, "StridedGather");
+    }
+  });
+
+  run_case("operands declared by the functor: shuffled fields, optional operand, vector and element paths bit for bit", [&] {
+    check_shuffled_sum<float, __nv_bfloat16>(ctx, rng, "fp32 + bf16");
+    check_shuffled_sum<double, __half>(ctx, rng, "fp64 + fp16");
+  });
+
+  run_case("BackwardCombine with jt and f one buffer (two read operands aliasing) on the vector path", [&] {
+    HostContext host;
+    const Tolerance tol = tolerances_for<float>().elementwise;
+    for (std::size_t n : {std::size_t{17}, std::size_t{4099}}) {
+      auto gx = make_operand<float>(ctx, rng, n, 0), gy = make_operand<float>(ctx, rng, n, 0);
+      auto y = make_operand<float>(ctx, rng, n, 0), x = make_operand<float>(ctx, rng, n, 0);
+      auto f = make_operand<__nv_bfloat16>(ctx, rng, n, 0);
+      const float alpha = 0.75f, beta = 0.5f;
+      std::vector<double> sgx(n), sgy(n), sy(n);
+      for (std::size_t i = 0; i < n; ++i) {
+        sgx[i] = mag(gx.host[i]) + mag(alpha) * mag(gy.host[i]) + mag(f.host[i]);
+        sgy[i] = mag(beta) * mag(gy.host[i]);
+        sy[i] = (mag(y.host[i]) + mag(alpha) * mag(x.host[i]) + mag(f.host[i])) / mag(beta);
+      }
+      using Fn = BackwardCombine<float, __nv_bfloat16, float, true>;
+      for_each_index(ctx, n, Fn{gx.ptr(), gy.ptr(), f.ptr(), y.ptr(), x.ptr(), f.ptr(), alpha, beta});
+      for_each_index(host, n, Fn{gx.host.data(), gy.host.data(), f.host.data(), y.host.data(), x.host.data(),
+                                 f.host.data(), alpha, beta});
+      GPU_CHECK_CLOSE(result_of(ctx, gx, n, "aliased gx"), gx.host, tol, &sgx);
+      GPU_CHECK_CLOSE(result_of(ctx, gy, n, "aliased gy"), gy.host, tol, &sgy);
+      GPU_CHECK_CLOSE(result_of(ctx, y, n, "aliased y"), y.host, tol, &sy);
+      const auto f_after = result_of(ctx, f, n, "aliased f");
+      GPU_CHECK(std::memcmp(f_after.data(), f.host.data(), n * sizeof(__nv_bfloat16)) == 0, "f (= jt) must not be written");
     }
   });
 

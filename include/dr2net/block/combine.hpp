@@ -10,6 +10,10 @@
 //! type). Pointers are host or device memory as the backend requires; every buffer holds at
 //! least the element count the pass is launched over, and no call operator checks bounds or
 //! aliasing beyond what its comment allows (in-place buffers are named in:/out:).
+//!
+//! The passes that touch each buffer only at element i declare those buffers as their
+//! `operands` (core/operands.hpp), which lets a backend apply them several elements at a
+//! time through register copies; the others run element by element everywhere.
 
 #include <cstddef>
 #include <cstdint>
@@ -17,6 +21,7 @@
 
 #include "dr2net/core/config.hpp"
 #include "dr2net/core/fixed_point.hpp"
+#include "dr2net/core/operands.hpp"
 
 namespace dr2net {
 
@@ -42,6 +47,9 @@ struct ForwardCombine {
   //! \brief beta_i, weight of x_{i-1} (the reversible residual), in the accumulate type.
   A alpha, beta;
   std::uint32_t* flag = nullptr;  //!< set when y_i is not finite (null: no check)
+  //! x updated in place from y and f (core/operands.hpp); the flag is shared, not an operand.
+  using operands = OperandList<UpdateOperand<&ForwardCombine::x>, ReadOperand<&ForwardCombine::y>,
+                               ReadOperand<&ForwardCombine::f>>;
   //! Computes element i of y_i and stores it, converted to S, over x[i].
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     const A v = alpha * static_cast<A>(y[i]) + static_cast<A>(f[i]) + beta * static_cast<A>(x[i]);
@@ -81,6 +89,9 @@ struct InverseCombine {
   //! \brief beta_i of the module being inverted; divided by unguarded, so it must be nonzero
   //! (the stack reconstructs only modules with |beta| >= StackOptions::min_abs_beta).
   A alpha, beta;
+  //! y updated in place from x and f (core/operands.hpp).
+  using operands = OperandList<UpdateOperand<&InverseCombine::y>, ReadOperand<&InverseCombine::x>,
+                               ReadOperand<&InverseCombine::f>>;
   //! Reconstructs element i of x_{i-1} and stores it over y[i] (no finiteness flag: the
   //! reconstruction monitor measures the result).
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
@@ -108,6 +119,15 @@ struct BackwardCombine {
   //! (the inverse divides by it).
   A alpha, beta;
   std::uint32_t* flag = nullptr;  //!< set when dL/dy_{i-1} is not finite (null: no check)
+  //! gx and gy updated in place, jt read when not null; with Reconstruct also y updated from
+  //! x and f (core/operands.hpp). Without it y, x and f are not operands (never touched).
+  using operands = std::conditional_t<
+      Reconstruct,
+      OperandList<UpdateOperand<&BackwardCombine::gx>, UpdateOperand<&BackwardCombine::gy>,
+                  OptionalReadOperand<&BackwardCombine::jt>, UpdateOperand<&BackwardCombine::y>,
+                  ReadOperand<&BackwardCombine::x>, ReadOperand<&BackwardCombine::f>>,
+      OperandList<UpdateOperand<&BackwardCombine::gx>, UpdateOperand<&BackwardCombine::gy>,
+                  OptionalReadOperand<&BackwardCombine::jt>>>;
   //! Updates gx[i] and gy[i] (and with Reconstruct, y[i]) for element i; gy[i] is read
   //! before either gradient is written, so the two buffers must not alias.
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
@@ -128,6 +148,8 @@ template <class From, class To>
 struct ConvertCopy {
   To* dst;          //!< destination, in the target type
   const From* src;  //!< source; must not overlap dst unless From and To are the same type
+  //! dst written from src (core/operands.hpp).
+  using operands = OperandList<WriteOperand<&ConvertCopy::dst>, ReadOperand<&ConvertCopy::src>>;
   //! dst[i] = static_cast<To>(src[i]): the types' own conversion, without a range check.
   DR2NET_HD_INLINE void operator()(std::size_t i) const { dst[i] = static_cast<To>(src[i]); }
 };

@@ -5,8 +5,9 @@
 //! (backend/host/context.hpp); this launches them.
 //!
 //! Layers: for_each_index (device-wide) -> a grid-stride kernel -> VectorAccess (per thread).
-//! Functors with a VectorAccess specialisation (the fused combines and conversions) move 16
-//! bytes of their narrowest operand per load and store: a few head elements bring every
+//! Functors that declare their operands (core/operands.hpp; the fused combines and
+//! conversions do) move 16 bytes of their narrowest operand per load and store, as
+//! vector_access.cuh derives from the declaration alone: a few head elements bring every
 //! operand to a vector boundary, the body runs vectorised, the tail element by element. When
 //! the operands cannot be brought to a common boundary together, the whole pass runs element
 //! by element. Either way the arithmetic is the functor's own operator().
@@ -92,7 +93,7 @@ void for_each_index(CudaContext& ctx, std::size_t n, const Fn& fn) {
 }
 
 //! for_each_index without the vectorised path: always one fn(i) per element, whatever
-//! VectorAccess offers for `Fn`. Same contract and errors as for_each_index; tests use it as
+//! operands `Fn` declares. Same contract and errors as for_each_index; tests use it as
 //! the vectorised path's twin.
 template <class Fn>
 void for_each_index_scalar(CudaContext& ctx, std::size_t n, const Fn& fn) {

@@ -9,7 +9,7 @@
 
 #include <type_traits>
 
-#include "dr2net/block/residual_function.hpp"
+#include "dr2net/core/compute_type.hpp"
 #include "dr2net/precision/precision.hpp"
 
 namespace dr2net {

@@ -1,19 +1,23 @@
 #pragma once
 //! \file
-//! How the fused combine functors of block/combine.hpp are applied to a few consecutive
-//! elements at once with wide (up to 16-byte) loads and stores, without restating their
-//! arithmetic: each specialisation of VectorAccess loads every operand's V elements into
-//! registers, points a copy of the functor at those registers, calls that copy's
-//! operator()(j) for j < V (the very __host__ __device__ code the host backend runs), and
-//! stores what the functor wrote.
+//! How for_each_index applies an elementwise functor to a few consecutive elements at once
+//! with wide (16-byte) loads and stores, without knowing the functor: a functor that declares
+//! its operands (core/operands.hpp) is run through apply_operands with WideMover, which loads
+//! each read operand's V elements into registers, points a copy of the functor at them by
+//! member, calls that copy's operator()(j) for constant j < V (the very __host__ __device__
+//! code the host backend runs element by element) and stores each written operand.
+//! Every register array is indexed with compile-time indices only, so none is put in local
+//! memory; a null optional operand takes its own compiled branch.
 //!
-//! A functor without a specialisation is applied element by element.
+//! This header names no functor: a functor without an `operands` declaration is applied
+//! element by element.
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 
-#include "dr2net/block/combine.hpp"
+#include "dr2net/core/config.hpp"
+#include "dr2net/core/operands.hpp"
 
 namespace dr2net::cuda_detail {
 
@@ -23,8 +27,8 @@ inline constexpr int kVectorWidth = 16 / static_cast<int>(sizeof(Smallest)) > 0 
 
 //! The word load_vector and store_vector move a vector of fewer than 16 bytes in: `type` is
 //! an unsigned type of exactly Bytes bytes, aligned to Bytes, so one access is one
-//! instruction. Only 2, 4, 8 and 16 are defined. (The VectorAccess widths below always give
-//! the narrowest operand 16 bytes, so they never take this path; it serves other widths.)
+//! instruction. Only 2, 4, 8 and 16 are defined. (VectorAccess always gives the narrowest
+//! operand 16 bytes, so it never takes this path; it serves other widths.)
 template <std::size_t Bytes>
 struct WordOf;  // an unsigned type of exactly Bytes bytes, aligned to Bytes
 //! 2-byte word (two 8-bit elements, or one 16-bit element).
@@ -50,11 +54,13 @@ template <> struct WordOf<16> { using type = uint4; };
 
 //! r[0, V) <- p[0, V); p must be aligned to min(16, V * sizeof(T)) bytes.
 template <int V, class T>
-__device__ __forceinline__ void load_vector(const T* p, T (&r)[V]) {
+DR2NET_HD_INLINE void load_vector(const T* p, T (&r)[V]) {
   constexpr std::size_t bytes = V * sizeof(T);
   if constexpr (bytes >= 16) {
     static_assert(bytes % 16 == 0, "vector of whole 16-byte words");
+#if defined(__CUDA_ARCH__)
 #pragma unroll
+#endif
     for (std::size_t w = 0; w < bytes / 16; ++w) {
       const uint4 word = reinterpret_cast<const uint4*>(p)[w];
       std::memcpy(reinterpret_cast<unsigned char*>(r) + 16 * w, &word, 16);
@@ -68,10 +74,12 @@ __device__ __forceinline__ void load_vector(const T* p, T (&r)[V]) {
 
 //! p[0, V) <- r[0, V); same alignment as load_vector.
 template <int V, class T>
-__device__ __forceinline__ void store_vector(T* p, const T (&r)[V]) {
+DR2NET_HD_INLINE void store_vector(T* p, const T (&r)[V]) {
   constexpr std::size_t bytes = V * sizeof(T);
   if constexpr (bytes >= 16) {
+#if defined(__CUDA_ARCH__)
 #pragma unroll
+#endif
     for (std::size_t w = 0; w < bytes / 16; ++w) {
       uint4 word;
       std::memcpy(&word, reinterpret_cast<const unsigned char*>(r) + 16 * w, 16);
@@ -92,159 +100,75 @@ struct OperandAddress {
   std::size_t element_bytes;  //!< sizeof the operand's element type
 };
 
-//! sizeof(T): the one-type end of the recursion below.
-template <class T>
-constexpr std::size_t min_size() { return sizeof(T); }
-//! The smallest sizeof among T, U, R...: the narrowest operand, which sets a functor's vector
-//! width (16 bytes of it).
-template <class T, class U, class... R>
-constexpr std::size_t min_size() {
-  return sizeof(T) < min_size<U, R...>() ? sizeof(T) : min_size<U, R...>();
+//! The Mover of apply_operands on the device: V elements per load_vector / store_vector
+//! (16 bytes of the narrowest operand, one or more 16-byte words of the wider ones).
+struct WideMover {
+  //! r <- p[0, V) with wide loads; p aligned as load_vector requires.
+  template <int V, class T>
+  DR2NET_HD_INLINE static void load(const T* p, T (&r)[V]) {
+    load_vector<V>(p, r);
+  }
+  //! p[0, V) <- r with wide stores; p aligned as store_vector requires.
+  template <int V, class T>
+  DR2NET_HD_INLINE static void store(T* p, const T (&r)[V]) {
+    store_vector<V>(p, r);
+  }
+};
+
+//! Whether an operand element size suits WideMover: a power of two of at most 16 bytes, so
+//! that V = 16 / (narrowest size) elements of every operand are whole 16-byte words.
+constexpr bool wide_element_size(std::size_t bytes) { return bytes != 0 && bytes <= 16 && (bytes & (bytes - 1)) == 0; }
+
+//! Whether functor `Fn` can take the wide path: it declares its operands, each of a size
+//! wide_element_size accepts.
+template <class Fn>
+constexpr bool wide_operands() {
+  if constexpr (DeclaresOperands<Fn>) {
+    for (std::size_t b : operand_element_bytes<Fn>) {
+      if (!wide_element_size(b)) return false;
+    }
+    return true;
+  } else {
+    return false;
+  }
 }
 
-//! How for_each_index applies functor `Fn` with wide accesses. Primary template: not
-//! vectorised, so every functor without a specialisation runs one element per call.
+//! How for_each_index applies functor `Fn` with wide accesses, from Fn's own operand
+//! declaration (core/operands.hpp); no functor is named here.
 //!
-//! A specialisation provides: `enabled = true`; `width`, the elements per vector (16 bytes of
-//! the narrowest operand); `count`, the number of operand pointers; `addresses(k, a)`, which
-//! reports each operand's pointer and element size for the alignment check; and a device
-//! `apply(k, i)`, which processes elements [i, i + width) of functor `k`; the launcher calls
-//! it only with i at which every present operand's pointer + i is aligned to width elements.
+//! `enabled`: Fn declares operands of suitable sizes (otherwise for_each_index applies it
+//! element by element); `width`, the elements per vector (16 bytes of the narrowest
+//! operand); `count`, the number of declared operands; `addresses(k, a)`, each operand's
+//! pointer and element size for the alignment check; and the device `apply(k, i)`, which
+//! processes elements [i, i + width) of functor `k`. The launcher calls apply only with i at
+//! which every present operand's pointer + i is aligned to width elements.
 template <class Fn>
 struct VectorAccess {
-  static constexpr bool enabled = false;  //!< no vector path: for_each_index launches the scalar kernel
-  static constexpr int width = 1;         //!< one element at a time
-};
-
-//! Vector path of the forward combine x <- alpha*y + f + beta*x (streams S, F's output C).
-template <class S, class C, class A>
-struct VectorAccess<ForwardCombine<S, C, A>> {
-  using Fn = ForwardCombine<S, C, A>;  //!< the functor this specialisation applies
-  static constexpr bool enabled = true;  //!< for_each_index takes the vector path when aligned
-  //! Elements per vector: 16 bytes of the narrower of S and C (4 for fp32, 8 with bf16 F).
-  static constexpr int width = static_cast<int>(16 / min_size<S, C>());
-  static constexpr int count = 3;  //!< operands x, y, f
-  //! a <- (x, y, f) with their element sizes.
-  static void addresses(const Fn& k, OperandAddress (&a)[count]) {
-    a[0] = {k.x, sizeof(S)};
-    a[1] = {k.y, sizeof(S)};
-    a[2] = {k.f, sizeof(C)};
+  static_assert(!HasOperandsMember<Fn> || DeclaresOperands<Fn>,
+                "dr2net: Fn::operands must be a non-empty OperandList of Fn's own pointer members "
+                "(core/operands.hpp)");
+  static constexpr bool enabled = wide_operands<Fn>();  //!< for_each_index takes the vector path when aligned
+  //! Elements per vector: 16 bytes of the narrowest operand (4 for fp32, 8 with a bf16
+  //! operand); 1 when not enabled.
+  static constexpr int width = [] {
+    if constexpr (wide_operands<Fn>()) return static_cast<int>(16 / smallest_operand_bytes<Fn>);
+    else return 1;
+  }();
+  //! Number of declared operands (0 when not enabled).
+  static constexpr int count = [] {
+    if constexpr (wide_operands<Fn>()) return static_cast<int>(Fn::operands::size);
+    else return 0;
+  }();
+  //! a <- every declared operand's pointer (null for an absent optional one: ignored) and
+  //! element size, in declaration order.
+  static void addresses(const Fn& k, OperandAddress (&a)[count > 0 ? count : 1]) {
+    int n = 0;
+    for_each_operand(k, [&](const auto* p, auto op) {
+      a[n++] = {p, sizeof(typename decltype(op)::element_type)};
+    });
   }
-  //! Elements [i, i + width): loads x, y, f into registers, runs k's operator() on them (the
-  //! finiteness flag still points at k.flag) and stores x.
-  __device__ __forceinline__ static void apply(const Fn& k, std::size_t i) {
-    S x[width], y[width];
-    C f[width];
-    load_vector<width>(k.x + i, x);
-    load_vector<width>(k.y + i, y);
-    load_vector<width>(k.f + i, f);
-    const Fn local{x, y, f, k.alpha, k.beta, k.flag};
-#pragma unroll
-    for (int j = 0; j < width; ++j) local(static_cast<std::size_t>(j));
-    store_vector<width>(k.x + i, x);
-  }
-};
-
-//! Vector path of the inverse combine y <- (y - alpha*x - f)/beta (streams S, F's output C).
-template <class S, class C, class A>
-struct VectorAccess<InverseCombine<S, C, A>> {
-  using Fn = InverseCombine<S, C, A>;  //!< the functor this specialisation applies
-  static constexpr bool enabled = true;  //!< for_each_index takes the vector path when aligned
-  //! Elements per vector: 16 bytes of the narrower of S and C.
-  static constexpr int width = static_cast<int>(16 / min_size<S, C>());
-  static constexpr int count = 3;  //!< operands y, x, f
-  //! a <- (y, x, f) with their element sizes.
-  static void addresses(const Fn& k, OperandAddress (&a)[count]) {
-    a[0] = {k.y, sizeof(S)};
-    a[1] = {k.x, sizeof(S)};
-    a[2] = {k.f, sizeof(C)};
-  }
-  //! Elements [i, i + width): loads y, x, f into registers, runs k's operator() on them and
-  //! stores y.
-  __device__ __forceinline__ static void apply(const Fn& k, std::size_t i) {
-    S y[width], x[width];
-    C f[width];
-    load_vector<width>(k.y + i, y);
-    load_vector<width>(k.x + i, x);
-    load_vector<width>(k.f + i, f);
-    const Fn local{y, x, f, k.alpha, k.beta};
-#pragma unroll
-    for (int j = 0; j < width; ++j) local(static_cast<std::size_t>(j));
-    store_vector<width>(k.y + i, y);
-  }
-};
-
-//! Vector path of the backward combine
-//!   gx <- gx + alpha*gy (+ jt);  gy <- beta*gy;  [y <- (y - alpha*x - f)/beta]
-//! with and without the fused reconstruction (bracketed) and the separate J^T g operand jt.
-template <class S, class C, class A, bool Reconstruct>
-struct VectorAccess<BackwardCombine<S, C, A, Reconstruct>> {
-  using Fn = BackwardCombine<S, C, A, Reconstruct>;  //!< the functor this specialisation applies
-  static constexpr bool enabled = true;  //!< for_each_index takes the vector path when aligned
-  //! Elements per vector: 16 bytes of the narrower of S and C.
-  static constexpr int width = static_cast<int>(16 / min_size<S, C>());
-  static constexpr int count = 6;  //!< operands gx, gy, jt, y, x, f (the last four may be absent)
-  //! Absent operands (jt == nullptr, or no reconstruction) are reported as null and ignored.
-  static void addresses(const Fn& k, OperandAddress (&a)[count]) {
-    a[0] = {k.gx, sizeof(S)};
-    a[1] = {k.gy, sizeof(S)};
-    a[2] = {k.jt, sizeof(C)};
-    a[3] = {Reconstruct ? k.y : nullptr, sizeof(S)};
-    a[4] = {Reconstruct ? k.x : nullptr, sizeof(S)};
-    a[5] = {Reconstruct ? k.f : nullptr, sizeof(C)};
-  }
-  //! Elements [i, i + width): loads gx, gy, jt when present, and y, x, f when reconstructing;
-  //! runs k's operator() on the registers (flag still k.flag); stores gx, gy, and y when
-  //! reconstructing.
-  __device__ __forceinline__ static void apply(const Fn& k, std::size_t i) {
-    S gx[width], gy[width];
-    C jt[width];
-    load_vector<width>(k.gx + i, gx);
-    load_vector<width>(k.gy + i, gy);
-    if (k.jt != nullptr) load_vector<width>(k.jt + i, jt);
-    if constexpr (Reconstruct) {
-      S y[width], x[width];
-      C f[width];
-      load_vector<width>(k.y + i, y);
-      load_vector<width>(k.x + i, x);
-      load_vector<width>(k.f + i, f);
-      const Fn local{gx, gy, k.jt != nullptr ? jt : nullptr, y, x, f, k.alpha, k.beta, k.flag};
-#pragma unroll
-      for (int j = 0; j < width; ++j) local(static_cast<std::size_t>(j));
-      store_vector<width>(k.y + i, y);
-    } else {
-      const Fn local{gx, gy, k.jt != nullptr ? jt : nullptr, nullptr, nullptr, nullptr, k.alpha, k.beta, k.flag};
-#pragma unroll
-      for (int j = 0; j < width; ++j) local(static_cast<std::size_t>(j));
-    }
-    store_vector<width>(k.gx + i, gx);
-    store_vector<width>(k.gy + i, gy);
-  }
-};
-
-//! Vector path of the converting copy dst <- src (stream type to compute type, or back).
-template <class From, class To>
-struct VectorAccess<ConvertCopy<From, To>> {
-  using Fn = ConvertCopy<From, To>;  //!< the functor this specialisation applies
-  static constexpr bool enabled = true;  //!< for_each_index takes the vector path when aligned
-  //! Elements per vector: 16 bytes of the narrower of From and To.
-  static constexpr int width = static_cast<int>(16 / min_size<From, To>());
-  static constexpr int count = 2;  //!< operands dst, src
-  //! a <- (dst, src) with their element sizes.
-  static void addresses(const Fn& k, OperandAddress (&a)[count]) {
-    a[0] = {k.dst, sizeof(To)};
-    a[1] = {k.src, sizeof(From)};
-  }
-  //! Elements [i, i + width): loads src, converts in registers with k's operator(), stores dst.
-  __device__ __forceinline__ static void apply(const Fn& k, std::size_t i) {
-    From src[width];
-    To dst[width];
-    load_vector<width>(k.src + i, src);
-    const Fn local{dst, src};
-#pragma unroll
-    for (int j = 0; j < width; ++j) local(static_cast<std::size_t>(j));
-    store_vector<width>(k.dst + i, dst);
-  }
+  //! Elements [i, i + width) through register copies (apply_operands with WideMover).
+  __device__ __forceinline__ static void apply(const Fn& k, std::size_t i) { apply_operands<width, WideMover>(k, i); }
 };
 
 //! The common element phase (address / element size, modulo `width`) of all present
