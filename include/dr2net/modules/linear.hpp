@@ -52,6 +52,9 @@ class Linear {
   Linear(Ctx& ctx, const std::string& name, std::int64_t in_features, std::int64_t out_features,
          FunctionOptions options = {})
       : Linear(&ctx, name, in_features, out_features, options) {}
+  //! The same with TF32 allowed or not (the device layer's former signature).
+  Linear(Ctx& ctx, const std::string& name, std::int64_t in_features, std::int64_t out_features, bool allow_tf32)
+      : Linear(&ctx, name, in_features, out_features, FunctionOptions{allow_tf32}) {}
 
   //! The same tensors as `host` (a host layer of the same sizes), converted to T; `owner` names
   //! the module in errors.
