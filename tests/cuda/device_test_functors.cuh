@@ -3,6 +3,9 @@
 // plain one-thread-per-output kernels, computing in float whatever T stores, so a whole
 // ReversibleStack can run on the device and be compared with the host stack. Deterministic:
 // every sum is taken by one thread in a fixed order (no atomics).
+// Parameters are DeviceParameters, as the library's device functions hold theirs: value and
+// gradient come from unmetered memory, because the ReversibleStack that owns the function
+// records every parameter's bytes once (Parameters, Gradients) from for_each_parameter.
 
 #include <cuda_runtime.h>
 
@@ -12,6 +15,7 @@
 
 #include "dr2net/backend/cuda/cuda.cuh"
 #include "dr2net/block/residual_function.hpp"
+#include "dr2net/modules/cuda/parameter.cuh"
 
 namespace dr2net::testing {
 
@@ -100,14 +104,6 @@ __global__ void sine_grad_params(const T* x, const T* a, const T* c, const T* g,
 
 }  // namespace device_functor_kernels
 
-//! A zero-filled device buffer (parameters and gradients are not part of the activations).
-template <class T>
-DeviceBuffer<T> zeros(CudaContext& ctx, std::size_t n) {
-  auto b = ctx.allocate<T>(n, MemoryCategory::Other);
-  DR2NET_CUDA_CHECK(cudaMemsetAsync(b.data(), 0, n * sizeof(T), ctx.stream()));
-  return b;
-}
-
 //! F(x) = tanh(x W^T + b) on the device.
 template <class T>
 class DeviceTanhLinear {
@@ -115,9 +111,10 @@ class DeviceTanhLinear {
   using value_type = T;
   using context_type = CudaContext;
 
+  //! Zero weights and bias (and gradients) of a width x width layer; load them with
+  //! for_each_parameter.
   DeviceTanhLinear(CudaContext& ctx, std::int64_t width)
-      : d_(width), w_(zeros<T>(ctx, static_cast<std::size_t>(width * width))), b_(zeros<T>(ctx, static_cast<std::size_t>(width))),
-        gw_(zeros<T>(ctx, w_.size())), gb_(zeros<T>(ctx, b_.size())) {}
+      : d_(width), w_(ctx, "weight", Shape{width, width}), b_(ctx, "bias", Shape{width}) {}
 
   std::size_t saved_elements(const Shape& s) const {
     DR2NET_CHECK(s.last() == d_, "DeviceTanhLinear: input width ", s.last(), " does not match ", d_);
@@ -143,18 +140,18 @@ class DeviceTanhLinear {
     tanh_grad<<<blocks_for(in.size()), 128, 0, ctx.stream()>>>(saved.data(), gout.data(), gp.data(), n);
     linear_grad_input<<<blocks_for(in.size()), 128, 0, ctx.stream()>>>(gp.data(), w_.data(), gin.data(), rows, d_);
     linear_grad_params<<<blocks_for(static_cast<std::size_t>(d_ * (d_ + 1))), 128, 0, ctx.stream()>>>(
-        gp.data(), in.data(), gw_.data(), gb_.data(), rows, d_);
+        gp.data(), in.data(), w_.grad_data(), b_.grad_data(), rows, d_);
     DR2NET_CUDA_CHECK_LAUNCH("tanh_linear backward");
   }
   template <class V>
   void for_each_parameter(V&& visit) {
-    visit("weight", w_.view(Shape{d_, d_}), gw_.view(Shape{d_, d_}));
-    visit("bias", b_.view(Shape{d_}), gb_.view(Shape{d_}));
+    visit("weight", w_.value(), w_.grad());
+    visit("bias", b_.value(), b_.grad());
   }
 
  private:
   std::int64_t d_;
-  DeviceBuffer<T> w_, b_, gw_, gb_;
+  DeviceParameter<T> w_, b_;  // each with its gradient
 };
 
 //! G(x)_j = a_j sin(x_j + c_j) on the device.
@@ -165,9 +162,9 @@ class DeviceSineGate {
   using context_type = CudaContext;
   static constexpr std::string_view parameter_prefix = "gate";
 
+  //! Zero amplitudes and phases (and gradients) of width `width`.
   DeviceSineGate(CudaContext& ctx, std::int64_t width)
-      : d_(width), a_(zeros<T>(ctx, static_cast<std::size_t>(width))), c_(zeros<T>(ctx, a_.size())),
-        ga_(zeros<T>(ctx, a_.size())), gc_(zeros<T>(ctx, a_.size())) {}
+      : d_(width), a_(ctx, "amplitude", Shape{width}), c_(ctx, "phase", Shape{width}) {}
 
   std::size_t saved_elements(const Shape& s) const {
     DR2NET_CHECK(s.last() == d_, "DeviceSineGate: input width ", s.last(), " does not match ", d_);
@@ -189,19 +186,19 @@ class DeviceSineGate {
     const auto n = static_cast<std::int64_t>(in.size());
     sine_grad_input<<<blocks_for(in.size()), 128, 0, s>>>(in.data(), a_.data(), c_.data(), gout.data(), gin.data(), n, d_);
     sine_grad_params<<<blocks_for(static_cast<std::size_t>(d_)), 128, 0, s>>>(in.data(), a_.data(), c_.data(),
-                                                                            gout.data(), ga_.data(), gc_.data(),
-                                                                            in.shape().rows(), d_);
+                                                                            gout.data(), a_.grad_data(),
+                                                                            c_.grad_data(), in.shape().rows(), d_);
     DR2NET_CUDA_CHECK_LAUNCH("sine backward");
   }
   template <class V>
   void for_each_parameter(V&& visit) {
-    visit("amplitude", a_.view(Shape{d_}), ga_.view(Shape{d_}));
-    visit("phase", c_.view(Shape{d_}), gc_.view(Shape{d_}));
+    visit("amplitude", a_.value(), a_.grad());
+    visit("phase", c_.value(), c_.grad());
   }
 
  private:
   std::int64_t d_;
-  DeviceBuffer<T> a_, c_, ga_, gc_;
+  DeviceParameter<T> a_, c_;  // each with its gradient
 };
 
 }  // namespace dr2net::testing

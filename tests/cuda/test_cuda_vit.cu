@@ -6,15 +6,24 @@
 // bytes that do not grow with depth. Exact mode: a device ViT stack with fixed-point streams
 // (FixedFp32, drop-path and dropout on) gives reversible gradients equal to standard ones bit
 // for bit, reconstructs h0 exactly, and matches the host FixedFp32 stack.
+// Long rows: attention and MLP at D = 768 and 1024 (LayerNorm rows past 256) and N = 197 and
+// 1568 (softmax rows past 128 and 1024), fp32, bf16 and fp16 against one host reference per
+// shape. Precision policies: ViT stacks under Fp64, Fp32AllowTf32, Bf16ComputeFp64Streams and
+// Fp16ComputeFp32Streams against the host stack of the same layers, and reversible vs
+// standard on the device under each. Error-bounded mode with the MeanOfStreams output against
+// the host. DR2NET_GPU_TEST_QUICK leaves out the N = 1568 shape.
 // Outputs and saved internals are poisoned (NaN) before every launch; token counts are odd
 // and there are several heads.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/gpu_test.cuh"
@@ -51,38 +60,94 @@ std::vector<float> random_in(std::size_t n, std::mt19937_64& rng) {
   return as_float(to_type<T>(random_values<float>(n, rng)));
 }
 
-double max_abs(const std::vector<float>& v) {
+template <class E>
+double max_abs(const std::vector<E>& v) {
   double m = 0;
-  for (float x : v) m = std::max(m, static_cast<double>(std::abs(x)));
+  for (E x : v) m = std::max(m, std::abs(static_cast<double>(x)));
   return m;
 }
 
 //! Parameter gradients sum over rows: compare with the tensor's largest gradient as scale.
-bool close_scaled(const std::vector<float>& got, const std::vector<float>& want, Tolerance tol, const std::string& what) {
+template <class E>
+bool close_scaled(const std::vector<E>& got, const std::vector<E>& want, Tolerance tol, const std::string& what) {
   std::vector<double> scale(want.size(), max_abs(want));
   return all_close(got, want, tol, what.c_str(), __FILE__, __LINE__, &scale);
 }
 
-//! One host function and its device twin on the same input: forward, then backward onto a
-//! non-zero grad_in, compared output by output.
-template <class T, class HostF, class DevF>
-void compare_function(CudaContext& ctx, HostF& host, DevF& dev, const Shape& shape, bool training, std::int64_t step,
-                      std::mt19937_64& rng) {
+//! v converted to T (float, double, bf16 or fp16), element by element.
+template <class T, class E>
+std::vector<T> converted(const std::vector<E>& v) {
+  std::vector<T> r(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_floating_point_v<T>) r[i] = static_cast<T>(to_double(v[i]));
+    else r[i] = T(static_cast<float>(to_double(v[i])));
+  }
+  return r;
+}
+
+//! x rounded to the nearest value of T and back (bf16 and fp16 through float).
+template <class T, class U>
+U representable_in(U x) {
+  if constexpr (std::is_floating_point_v<T>) return static_cast<U>(static_cast<T>(x));
+  else return static_cast<U>(static_cast<float>(T(static_cast<float>(x))));
+}
+
+//! Rounds every parameter of a host function to T, so that its device twin in T holds the
+//! same values (the conversion in copy_from is then exact).
+template <class T, class F>
+void round_parameters_to(F& function) {
+  function.for_each_parameter([](std::string_view, auto value, auto) {
+    for (std::size_t i = 0; i < value.size(); ++i) value.data()[i] = representable_in<T>(value.data()[i]);
+  });
+}
+
+bool all_finite(const std::vector<float>& v) {
+  return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
+}
+
+//! Module index and seed of every function call of these comparisons (host and device alike).
+constexpr int kModule = 5;
+constexpr std::uint64_t kCallSeed = 1234;
+
+//! What one function computed for one input: its output, grad_in (g0 plus its backward's
+//! share) and the parameter gradients by name.
+struct FunctionResult {
+  std::vector<float> out, gin;
+  std::vector<std::string> names;
+  std::vector<std::vector<float>> grads;
+};
+
+//! The host function's forward (recompute) and backward onto a copy of g0.
+template <class HostF>
+FunctionResult host_reference(HostF& host, const Shape& shape, const std::vector<float>& in,
+                              const std::vector<float>& gout, const std::vector<float>& g0, bool training,
+                              std::int64_t step) {
+  HostContext hctx;
+  const ModuleCall<HostContext> hcall{hctx, kModule, step, kCallSeed, training};
+  std::vector<float> hsaved(host.saved_elements(shape));
+  const Shape sshape{static_cast<std::int64_t>(hsaved.size())};
+  FunctionResult r{std::vector<float>(in.size()), g0, {}, {}};
+  host.recompute(hcall, ConstView<float>(in.data(), shape), TensorView<float>(r.out.data(), shape),
+                 TensorView<float>(hsaved.data(), sshape));
+  host.backward(hcall, ConstView<float>(in.data(), shape), ConstView<float>(hsaved.data(), sshape),
+                ConstView<float>(gout.data(), shape), TensorView<float>(r.gin.data(), shape));
+  host.for_each_parameter([&](std::string_view name, TensorView<float>, TensorView<float> g) {
+    r.names.emplace_back(name);
+    r.grads.emplace_back(g.data(), g.data() + g.size());
+  });
+  return r;
+}
+
+//! The device twin (fresh: zero gradients) on the same input and call as host_reference:
+//! forward, recompute (bit for bit the forward's output), backward onto g0; output, grad_in
+//! and parameter gradients compared with `want` within T's tolerances.
+template <class T, class DevF>
+void compare_device(CudaContext& ctx, DevF& dev, const Shape& shape, const std::vector<float>& in,
+                    const std::vector<float>& gout, const std::vector<float>& g0, bool training, std::int64_t step,
+                    const FunctionResult& want) {
   const auto& tol = tolerances_for<T>();
   const auto n = static_cast<std::size_t>(shape.numel());
-  const auto in = random_in<T>(n, rng), gout = random_in<T>(n, rng), g0 = random_in<T>(n, rng);
-  const std::uint64_t seed = 1234;
-  const int module = 5;
-
-  HostContext hctx;
-  const ModuleCall<HostContext> hcall{hctx, module, step, seed, training};
-  std::vector<float> hsaved(host.saved_elements(shape)), hout(n), hgin = g0;
-  host.recompute(hcall, ConstView<float>(in.data(), shape), TensorView<float>(hout.data(), shape),
-                 TensorView<float>(hsaved.data(), Shape{static_cast<std::int64_t>(hsaved.size())}));
-  host.backward(hcall, ConstView<float>(in.data(), shape), ConstView<float>(hsaved.data(), Shape{static_cast<std::int64_t>(hsaved.size())}),
-                ConstView<float>(gout.data(), shape), TensorView<float>(hgin.data(), shape));
-
-  const ModuleCall<CudaContext> dcall{ctx, module, step, seed, training};
+  const ModuleCall<CudaContext> dcall{ctx, kModule, step, kCallSeed, training};
   auto din = to_device(ctx, to_type<T>(in)), dgout = to_device(ctx, to_type<T>(gout)), dgin = to_device(ctx, to_type<T>(g0));
   auto dout = ctx.allocate<T>(n, MemoryCategory::Other);  // poisoned
   const std::size_t ns = dev.saved_elements(shape);
@@ -97,33 +162,49 @@ void compare_function(CudaContext& ctx, HostF& host, DevF& dev, const Shape& sha
   GPU_CHECK(std::memcmp(fwd.data(), rec.data(), n * sizeof(float)) == 0, "recompute differs from forward");
   dev.backward(dcall, ConstDeviceView<T>(din.data(), shape), ConstDeviceView<T>(dsaved.data(), sshape), ConstDeviceView<T>(dgout.data(), shape),
                dgin.view(shape));
-  GPU_CHECK_CLOSE(fwd, hout, tol.function);
-  GPU_CHECK_CLOSE(as_float(to_host(ctx, dgin.data(), n)), hgin, tol.gradient);
+  GPU_CHECK_CLOSE(fwd, want.out, tol.function);
+  GPU_CHECK_CLOSE(as_float(to_host(ctx, dgin.data(), n)), want.gin, tol.gradient);
 
-  std::vector<std::string> hnames, dnames;
-  std::vector<std::vector<float>> hgrads, dgrads;
-  host.for_each_parameter([&](std::string_view name, TensorView<float>, TensorView<float> g) {
-    hnames.emplace_back(name);
-    hgrads.emplace_back(g.data(), g.data() + g.size());
-  });
+  std::vector<std::string> dnames;
+  std::vector<std::vector<float>> dgrads;
   dev.for_each_parameter([&](std::string_view name, DeviceView<T>, DeviceView<T> g) {
     dnames.emplace_back(name);
     dgrads.push_back(as_float(to_host(ctx, g.data(), g.size())));
   });
-  GPU_CHECK(hnames == dnames, "parameter names or order differ");
-  for (std::size_t p = 0; p < hgrads.size() && p < dgrads.size(); ++p)
-    close_scaled(dgrads[p], hgrads[p], tol.gradient, "gradient of " + hnames[p]);
+  GPU_CHECK(want.names == dnames, "parameter names or order differ");
+  for (std::size_t p = 0; p < want.grads.size() && p < dgrads.size(); ++p)
+    close_scaled(dgrads[p], want.grads[p], tol.gradient, "gradient of " + want.names[p]);
+}
+
+//! One host function and its device twin on the same input: forward, then backward onto a
+//! non-zero grad_in, compared output by output.
+template <class T, class HostF, class DevF>
+void compare_function(CudaContext& ctx, HostF& host, DevF& dev, const Shape& shape, bool training, std::int64_t step,
+                      std::mt19937_64& rng) {
+  const auto& tol = tolerances_for<T>();
+  const auto n = static_cast<std::size_t>(shape.numel());
+  const auto in = random_in<T>(n, rng), gout = random_in<T>(n, rng), g0 = random_in<T>(n, rng);
+  compare_device<T>(ctx, dev, shape, in, gout, g0, training, step,
+                    host_reference(host, shape, in, gout, g0, training, step));
 
   // Adding into a destination (the last GEMM's C): the same call decision on both backends,
   // and out = F(in) + scale * addend with the addend apart or being the destination itself.
+  HostContext hctx;
+  const ModuleCall<HostContext> hcall{hctx, kModule, step, kCallSeed, training};
+  const ModuleCall<CudaContext> dcall{ctx, kModule, step, kCallSeed, training};
   GPU_CHECK(dev.adds_into(dcall) == host.adds_into(hcall), "host and device disagree on adds_into");
   if (!dev.adds_into(dcall)) return;
+  std::vector<float> hsaved(host.saved_elements(shape));
+  const Shape hshape{static_cast<std::int64_t>(hsaved.size())};
+  auto din = to_device(ctx, to_type<T>(in));
+  const std::size_t ns = dev.saved_elements(shape);
+  auto dsaved = ctx.allocate<T>(ns, MemoryCategory::Other);
+  const Shape sshape{static_cast<std::int64_t>(ns)};
   for (double scale : {1.0, -0.5}) {
     const auto addend = random_in<T>(n, rng);
     std::vector<float> hdst = addend;
     host.recompute_add(hcall, ConstView<float>(in.data(), shape), ConstView<float>(hdst.data(), shape), scale,
-                       TensorView<float>(hdst.data(), shape),
-                       TensorView<float>(hsaved.data(), Shape{static_cast<std::int64_t>(hsaved.size())}));
+                       TensorView<float>(hdst.data(), shape), TensorView<float>(hsaved.data(), hshape));
     auto dsame = to_device(ctx, to_type<T>(addend)), dapart = to_device(ctx, to_type<T>(addend));
     auto dpoisoned = ctx.allocate<T>(n, MemoryCategory::Other);
     dev.recompute_add(dcall, ConstDeviceView<T>(din.data(), shape), ConstDeviceView<T>(dsame.data(), shape), scale, dsame.view(shape),
@@ -213,53 +294,184 @@ using DevLayer = CudaVitLayer<float, ConstantSchedule>;
 using HostFixedLayer = VitLayer<float, ConstantSchedule, FixedFp32>;
 using DevFixedLayer = CudaVitLayer<float, ConstantSchedule, FixedFp32>;
 
+//! One training step of a stack, widened to double (exact for every value type in play), so
+//! that stacks of any precision policy compare through one type.
 struct StepResult {
-  std::vector<float> out, dh0;
-  std::vector<std::vector<float>> grads;
+  std::vector<double> out, dh0;
+  std::vector<std::vector<double>> grads;
   std::vector<std::string> names;
 };
 
+//! forward at step 3 and backward (given h0) on the host; h0 and dout (float values) are
+//! converted to the stack's value type.
 template <class Layer>
-StepResult host_step(ReversibleStack<Layer>& s, const Shape& shape, const std::vector<float>& h0,
-                     const std::vector<float>& dout) {
-  StepResult r;
-  r.out.assign(h0.size(), 0.0f);
-  r.dh0.assign(h0.size(), 0.0f);
+StepResult host_step(ReversibleStack<Layer>& s, const Shape& shape, const std::vector<float>& h0f,
+                     const std::vector<float>& doutf) {
+  using V = typename ReversibleStack<Layer>::value_type;
+  const auto h0 = converted<V>(h0f), dout = converted<V>(doutf);
+  std::vector<V> out(h0.size()), dh0(h0.size());
   s.zero_grad();
-  s.forward(ConstView<float>(h0.data(), shape), TensorView<float>(r.out.data(), shape), 3);
-  s.backward(ConstView<float>(dout.data(), shape), TensorView<float>(r.dh0.data(), shape), ConstView<float>(h0.data(), shape));
+  s.forward(ConstView<V>(h0.data(), shape), TensorView<V>(out.data(), shape), 3);
+  s.backward(ConstView<V>(dout.data(), shape), TensorView<V>(dh0.data(), shape), ConstView<V>(h0.data(), shape));
+  StepResult r{converted<double>(out), converted<double>(dh0), {}, {}};
   for (auto& p : s.parameters()) {
     r.names.push_back(p.name);
-    r.grads.emplace_back(p.grad.data(), p.grad.data() + p.grad.size());
+    r.grads.push_back(converted<double>(std::vector(p.grad.data(), p.grad.data() + p.grad.size())));
   }
   return r;
 }
 
+//! The same step on a device stack.
 template <class Layer>
 StepResult device_step(CudaContext& ctx, ReversibleStack<Layer>& s, const Shape& shape, const std::vector<float>& h0,
                        const std::vector<float>& dout) {
+  using V = typename ReversibleStack<Layer>::value_type;
   const std::size_t n = h0.size();
-  auto dh = to_device(ctx, h0), dd = to_device(ctx, dout);
-  auto out = ctx.allocate<float>(n, MemoryCategory::Other), dh0 = ctx.allocate<float>(n, MemoryCategory::Other);
+  auto dh = to_device(ctx, converted<V>(h0)), dd = to_device(ctx, converted<V>(dout));
+  auto out = ctx.allocate<V>(n, MemoryCategory::Other), dh0 = ctx.allocate<V>(n, MemoryCategory::Other);
   s.zero_grad();
-  s.forward(ConstDeviceView<float>(dh.data(), shape), out.view(shape), 3);
-  s.backward(ConstDeviceView<float>(dd.data(), shape), dh0.view(shape), ConstDeviceView<float>(dh.data(), shape));
-  StepResult r;
-  r.out = to_host(ctx, out.data(), n);
-  r.dh0 = to_host(ctx, dh0.data(), n);
+  s.forward(ConstDeviceView<V>(dh.data(), shape), out.view(shape), 3);
+  s.backward(ConstDeviceView<V>(dd.data(), shape), dh0.view(shape), ConstDeviceView<V>(dh.data(), shape));
+  StepResult r{converted<double>(to_host(ctx, out.data(), n)), converted<double>(to_host(ctx, dh0.data(), n)), {}, {}};
   for (auto& p : s.parameters()) {
     r.names.push_back(p.name);
-    r.grads.push_back(to_host(ctx, p.grad.data(), p.grad.size()));
+    r.grads.push_back(converted<double>(to_host(ctx, p.grad.data(), p.grad.size())));
   }
   return r;
 }
 
-void compare_steps(const StepResult& got, const StepResult& want, Tolerance tol) {
-  GPU_CHECK_CLOSE(got.out, want.out, tol);
-  GPU_CHECK_CLOSE(got.dh0, want.dh0, tol);
-  GPU_CHECK(got.names == want.names, "parameter names differ");
+//! Output, dh0 and parameter gradients within `tol`; `what` (with the case's name) says which
+//! comparison of a case failed.
+void compare_steps(const StepResult& got, const StepResult& want, Tolerance tol, const std::string& what = "stack") {
+  all_close(got.out, want.out, tol, (what + ": output").c_str(), __FILE__, __LINE__);
+  all_close(got.dh0, want.dh0, tol, (what + ": dh0").c_str(), __FILE__, __LINE__);
+  GPU_CHECK(got.names == want.names, what + ": parameter names differ");
   for (std::size_t p = 0; p < got.grads.size() && p < want.grads.size(); ++p)
-    close_scaled(got.grads[p], want.grads[p], tol, "gradient of " + want.names[p]);
+    close_scaled(got.grads[p], want.grads[p], tol, what + ": gradient of " + want.names[p]);
+}
+
+//! The device twin of a host function type, computing in T.
+template <class HostF, class T>
+struct device_twin_of;
+template <class T>
+struct device_twin_of<VitAttention<float>, T> {
+  using type = CudaVitAttention<T>;
+};
+template <class T>
+struct device_twin_of<VitMlp<float>, T> {
+  using type = CudaVitMlp<T>;
+};
+
+//! Inputs of one long-row comparison: bf16 values, so the host and the fp32, bf16 and fp16
+//! twins all start from the same numbers.
+struct LongRowData {
+  std::vector<float> in, gout, g0;
+};
+
+template <class T, class HostF>
+void long_row_device_case(CudaContext& ctx, HostF& host, const std::string& what, const char* type, const Shape& shape,
+                          const LongRowData& data, const FunctionResult& want) {
+  run_case(what + ", device " + type + " vs host", [&] {
+    typename device_twin_of<HostF, T>::type dev(ctx, host);
+    compare_device<T>(ctx, dev, shape, data.in, data.gout, data.g0, true, 7, want);
+  });
+}
+
+//! One host reference (a training call, dropout on) and the device twins in fp32, bf16 and
+//! fp16 against it; `host`'s parameters are rounded to bf16 first.
+template <class HostF>
+void long_row_function(CudaContext& ctx, std::mt19937_64& rng, const std::string& what, HostF& host,
+                       const Shape& shape) {
+  round_parameters_to<__nv_bfloat16>(host);
+  const auto n = static_cast<std::size_t>(shape.numel());
+  using Bf16 = __nv_bfloat16;
+  const LongRowData data{random_in<Bf16>(n, rng), random_in<Bf16>(n, rng), random_in<Bf16>(n, rng)};
+  FunctionResult want;
+  bool have_reference = false;
+  run_case(what + ", host reference", [&] {
+    want = host_reference(host, shape, data.in, data.gout, data.g0, true, 7);
+    bool finite = all_finite(want.out) && all_finite(want.gin);
+    for (const auto& g : want.grads) finite = finite && all_finite(g);
+    have_reference = GPU_CHECK(finite, "the host reference holds non-finite values");
+  });
+  if (!have_reference) return;
+  long_row_device_case<float>(ctx, host, what, "fp32", shape, data, want);
+  long_row_device_case<__nv_bfloat16>(ctx, host, what, "bf16", shape, data, want);
+  long_row_device_case<__half>(ctx, host, what, "fp16", shape, data, want);
+}
+
+//! Rows longer than the small cases': LayerNorm over D = 768 and 1024 (past 256), softmax
+//! over N = 197 and 1568 keys (past 128 and 1024). The batch stays at 1-2 so that the host
+//! reference (most of this test's time) stays short; drop-path is off (with one sample it
+//! would drop the whole output), dropout is on.
+void long_row_cases(CudaContext& ctx, std::mt19937_64& rng, bool quick) {
+  struct Case {
+    std::int64_t batch, tokens, dim, heads;
+  };
+  const Case cases[] = {{2, 197, 768, 12}, {1, 197, 1024, 16}, {1, 1568, 768, 12}};
+  for (const Case& c : cases) {
+    if (quick && c.tokens > 197) continue;
+    const Shape shape{c.batch, c.tokens, c.dim};
+    const std::string tag = "B" + std::to_string(c.batch) + " N" + std::to_string(c.tokens) + " D" +
+                            std::to_string(c.dim) + " H" + std::to_string(c.heads) + " dropout 0.1";
+    {
+      VitAttention<float> host({c.dim, c.heads, 1e-6, 0.0, 0.1}, rng());
+      auto& w = host.norm1().weight();  // non-trivial LayerNorm parameters
+      for (std::size_t i = 0; i < w.size(); ++i) w.value().data()[i] = 1.0f + 0.05f * static_cast<float>(i % 5);
+      long_row_function(ctx, rng, "attention, long rows, " + tag, host, shape);
+    }
+    {
+      VitMlp<float> host({c.dim, 4 * c.dim, 1e-6, 0.0, 0.1}, rng());
+      auto& b = host.norm2().bias();
+      for (std::size_t i = 0; i < b.size(); ++i) b.value().data()[i] = 0.01f * static_cast<float>(i % 3);
+      long_row_function(ctx, rng, "mlp, long rows, " + tag, host, shape);
+    }
+  }
+}
+
+//! A ViT stack under device policy P (compute type T) against the host stack of the same
+//! layers (host compute type U, policy HP; parameters rounded to T so both hold the same
+//! values), reversible and standard; then reversible vs standard on the device. `tol` is the
+//! tolerance row of the precision that limits P. Where F computes in fewer than fp32's bits, a
+//! reconstructed stream that rounds differently into F changes F's output by an ulp of that
+//! precision, so the guard's threshold is raised to the tolerance (default 1e-4 otherwise).
+template <class T, class P, class U, class HP>
+void policy_stack_cases(CudaContext& ctx, std::mt19937_64& rng, const std::string& policy, Tolerance tol) {
+  using HostL = VitLayer<U, ConstantSchedule, HP>;
+  using DevL = CudaVitLayer<T, ConstantSchedule, P>;
+  const VitLayerConfig cfg{32, 4, 64, 1e-6, 0.2, 0.1, DropPathRule::Linear};
+  const Shape shape{2, 9, 32};
+  const auto n = static_cast<std::size_t>(shape.numel());
+  const ConstantSchedule sched(0.5, 0.5);
+  const double guard = std::max(ReconstructionGuard{}.max_relative_error, tol.rtol);
+  const auto host_layers = [&](std::uint64_t seed) {
+    auto layers = make_vit_layers<U, ConstantSchedule, HP>(3, cfg, seed);
+    for (auto& l : layers) {
+      round_parameters_to<T>(l.f());
+      round_parameters_to<T>(l.g());
+    }
+    return layers;
+  };
+  for (BackpropMode mode : {BackpropMode::Reversible, BackpropMode::Standard}) {
+    run_case(policy + " ViT stack on device vs host, " + std::string(mode_name(mode)), [&] {
+      const StackOptions o{.mode = mode, .seed = 77, .guard = {.max_relative_error = guard}};
+      auto hl = host_layers(rng());
+      ReversibleStack<DevL> dev(ctx, cuda_vit_layers_from<T, ConstantSchedule, P>(ctx, hl), sched, o);
+      HostContext hctx;
+      ReversibleStack<HostL> host(hctx, std::move(hl), sched, o);
+      const auto h0 = random_values<float>(n, rng), dout = random_values<float>(n, rng);
+      compare_steps(device_step(ctx, dev, shape, h0, dout), host_step(host, shape, h0, dout), tol);
+    });
+  }
+  run_case(policy + " ViT stack: reversible vs standard on device", [&] {
+    const auto hl = host_layers(rng());
+    ReversibleStack<DevL> rev(ctx, cuda_vit_layers_from<T, ConstantSchedule, P>(ctx, hl), sched,
+                              {.mode = BackpropMode::Reversible, .seed = 3, .guard = {.max_relative_error = guard}});
+    ReversibleStack<DevL> std_(ctx, cuda_vit_layers_from<T, ConstantSchedule, P>(ctx, hl), sched,
+                               {.mode = BackpropMode::Standard, .seed = 3});
+    const auto h0 = random_values<float>(n, rng), dout = random_values<float>(n, rng);
+    compare_steps(device_step(ctx, rev, shape, h0, dout), device_step(ctx, std_, shape, h0, dout), tol);
+  });
 }
 
 }  // namespace
@@ -270,6 +482,8 @@ int main() {
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
   CudaContext ctx({.poison_allocations = true});
+  // DR2NET_GPU_TEST_QUICK (set by scripts/gpu-check under compute-sanitizer) drops the N = 1568 shape.
+  const bool quick = std::getenv("DR2NET_GPU_TEST_QUICK") != nullptr;
 
   run_case("linear fp32", [&] { linear_case<float>(ctx, rng); });
   run_case("linear bf16", [&] { linear_case<__nv_bfloat16>(ctx, rng); });
@@ -277,6 +491,7 @@ int main() {
   function_cases<float>(ctx, rng, "fp32");
   function_cases<__nv_bfloat16>(ctx, rng, "bf16");
   function_cases<__half>(ctx, rng, "fp16");
+  long_row_cases(ctx, rng, quick);
 
   run_case("drop masks: device bit for bit as host", [&] {
     HostContext hctx;
@@ -308,6 +523,40 @@ int main() {
                     tolerances_for<float>().gradient);
     });
   }
+
+  // Policies: the host reference of the same layers in the stream type (fp64 streams: fp64
+  // functions), tolerances of the precision that limits the device result (TF32 rounds GEMM
+  // inputs to fp16's 11-bit significand).
+  policy_stack_cases<double, Fp64, double, Fp64>(ctx, rng, "Fp64", tolerances(PrecisionKind::Fp64).gradient);
+  policy_stack_cases<float, Fp32AllowTf32, float, Fp32>(ctx, rng, "Fp32AllowTf32",
+                                                        tolerances(PrecisionKind::Fp16).gradient);
+  policy_stack_cases<__nv_bfloat16, Bf16ComputeFp64Streams, double, Fp64>(ctx, rng, "Bf16ComputeFp64Streams",
+                                                                          tolerances(PrecisionKind::Bf16).gradient);
+  policy_stack_cases<__half, Fp16ComputeFp32Streams, float, Fp32>(ctx, rng, "Fp16ComputeFp32Streams",
+                                                                  tolerances(PrecisionKind::Fp16).gradient);
+
+  run_case("fp32 ViT stack, error-bounded mode, MeanOfStreams output, on device vs host", [&] {
+    // At (0.5, 0.5) the first step's plan (error scale 8, stream tolerance 1e-5) stores some
+    // boundaries of the six and reconstructs the rest: both paths of the mode run.
+    const ConstantSchedule sched(0.5, 0.5);
+    const StackOptions o{.mode = BackpropMode::ErrorBounded, .output = StackOutput::MeanOfStreams, .seed = 77};
+    auto hl = make_vit_layers<float, ConstantSchedule>(3, cfg, rng());
+    ReversibleStack<DevLayer> dev(ctx, cuda_vit_layers_from<float, ConstantSchedule>(ctx, hl), sched, o);
+    HostContext hctx;
+    ReversibleStack<HostLayer> host(hctx, std::move(hl), sched, o);
+    const auto h0 = random_values<float>(n, rng), dout = random_values<float>(n, rng);
+    const auto want = host_step(host, shape, h0, dout);
+    const auto got = device_step(ctx, dev, shape, h0, dout);
+    const auto hb = host.snapshot_boundaries(), db = dev.snapshot_boundaries();
+    GPU_CHECK(!hb.empty() && static_cast<int>(hb.size()) < dev.num_modules() - 1,
+              "the host plan stores " + std::to_string(hb.size()) +
+                  " snapshots: this point no longer mixes both paths");
+    GPU_CHECK(db == hb, "device snapshot boundaries differ from the host's: " + std::to_string(db.size()) + " vs " +
+                            std::to_string(hb.size()));
+    GPU_CHECK(dev.reconstruction().snapshots == host.reconstruction().snapshots,
+              "device: " + dev.reconstruction().describe() + "; host: " + host.reconstruction().describe());
+    compare_steps(got, want, tolerances_for<float>().gradient);
+  });
 
   run_case("ViT stack: reversible vs standard on device", [&] {
     ReversibleStack<DevLayer> rev(ctx, make_cuda_vit_layers<float, ConstantSchedule>(ctx, 4, cfg, 5),
@@ -345,7 +594,7 @@ int main() {
         inputs = inputs && x0[i].raw == q && y0[i].raw == q;
       }
       GPU_CHECK(inputs, "reconstructed x_0, y_0 are not the quantized h0 " + at);
-      compare_steps(a, host_step(host, shape, h0, dout), tolerances_for<float>().gradient);
+      compare_steps(a, host_step(host, shape, h0, dout), tolerances_for<float>().gradient, "device vs host " + at);
     }
   });
 
