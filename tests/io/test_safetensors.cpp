@@ -988,12 +988,16 @@ double min_parse_seconds(const std::vector<std::uint8_t>& bytes, std::size_t ent
 TEST_CASE("safetensors: header parsing grows linearly and still rejects duplicate keys", "[safetensors]") {
   const auto small = many_entries(25'000);
   const auto large = many_entries(200'000);
-  const double t_small = min_parse_seconds(small, 25'000, 3);
-  const double t_large = min_parse_seconds(large, 200'000, 3);  // a 200,000-entry header parses
+  // Interleaved, best of five each: load from other processes then affects both sizes alike.
+  double t_small = 1e300, t_large = 1e300;
+  for (int round = 0; round < 5; ++round) {
+    t_small = std::min(t_small, min_parse_seconds(small, 25'000, 1));
+    t_large = std::min(t_large, min_parse_seconds(large, 200'000, 1));  // a 200,000-entry header parses
+  }
   INFO("25,000 entries: " << t_small << " s; 200,000 entries: " << t_large << " s");
-  // 8x the entries: about 8x the time when linear (n log n for the sorted maps), 64x when
-  // quadratic. The bound leaves room for noise on a shared machine.
-  CHECK(t_large / t_small < 16.0);
+  // 8x the entries: about 8x the time when linear (n log n for the sorted maps; 17x was seen on
+  // a loaded 2-core machine), 64x when quadratic. The bound sits between the two.
+  CHECK(t_large / t_small < 32.0);
 
   // A duplicate anywhere, even last among 25,000 entries or inside a nested object, is named.
   CHECK_THAT(error_of([&] {
