@@ -704,3 +704,30 @@ TEST_CASE("a ViT stack meters each parameter and gradient byte once, and nothing
   CHECK(ctx.meter().current_total() == 2 * bytes);
   CHECK(ctx.meter().peak_total() == 2 * bytes);
 }
+
+TEST_CASE("HeadLayout's host range path moves exactly what its per-element operator moves", "[vit][layout]") {
+  std::mt19937_64 rng(std::random_device{}());
+  for (const bool to_heads : {true, false}) {
+    for (const std::int64_t groups : {1, 3}) {
+      const std::int64_t B = 2, N = 5, H = 3, hd = 4;
+      const auto n = static_cast<std::size_t>(B * N * groups * H * hd);
+      std::vector<float> src(n), want(n, -1.0f), got(n, -2.0f);
+      for (std::size_t i = 0; i < n; ++i) src[i] = static_cast<float>(i);
+      HeadLayout<float> ref{want.data(), src.data(), B, N, groups, H, hd, to_heads};
+      for (std::size_t i = 0; i < n; ++i) ref(i);
+      // A permutation: every source element lands exactly once.
+      std::vector<float> sorted = want;
+      std::sort(sorted.begin(), sorted.end());
+      CHECK(sorted == src);
+      // Random splits of [0, n) into ranges, each run through run_range.
+      HeadLayout<float> fast{got.data(), src.data(), B, N, groups, H, hd, to_heads};
+      for (std::size_t begin = 0; begin < n;) {
+        const std::size_t len = std::uniform_int_distribution<std::size_t>(1, 11)(rng);
+        const std::size_t end = std::min(n, begin + len);
+        fast.run_range(begin, end);
+        begin = end;
+      }
+      CHECK(got == want);
+    }
+  }
+}

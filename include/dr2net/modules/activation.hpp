@@ -86,6 +86,43 @@ struct HeadLayout {
       dst[i] = src[(((g * batch + b) * heads + h) * tokens + n) * head_dim + e];
     }
   }
+  //! Host only: dst[i] for i in [begin, end), exactly operator()(i)'s values, moving whole
+  //! head_dim-wide runs with the index decomposed once per range (not five divisions per element).
+  void run_range(std::size_t begin, std::size_t end) const {
+#if !defined(__CUDA_ARCH__)  // a host function: a device pass parses it, never compiles it
+    if (begin >= end) return;
+    const auto k0 = static_cast<std::int64_t>(begin);
+    std::int64_t e = k0 % head_dim;
+    std::int64_t i = k0;
+    const auto last = static_cast<std::int64_t>(end);
+    if (to_heads) {  // dst [G, B, H, N, hd] in order: e, then n, h, b, g
+      std::int64_t n = (k0 / head_dim) % tokens, h = (k0 / (head_dim * tokens)) % heads;
+      std::int64_t b = (k0 / (head_dim * tokens * heads)) % batch, g = k0 / (head_dim * tokens * heads * batch);
+      while (i < last) {
+        const std::int64_t run = head_dim - e < last - i ? head_dim - e : last - i;
+        const T* from = src + ((b * tokens + n) * groups + g) * heads * head_dim + h * head_dim + e;
+        for (std::int64_t j = 0; j < run; ++j) dst[i + j] = from[j];
+        i += run;
+        e = 0;
+        if (++n == tokens) { n = 0; if (++h == heads) { h = 0; if (++b == batch) { b = 0; ++g; } } }
+      }
+    } else {  // dst [B, N, G, H, hd] in order: e, then h, g, n, b
+      std::int64_t h = (k0 / head_dim) % heads, g = (k0 / (head_dim * heads)) % groups;
+      std::int64_t n = (k0 / (head_dim * heads * groups)) % tokens, b = k0 / (head_dim * heads * groups * tokens);
+      while (i < last) {
+        const std::int64_t run = head_dim - e < last - i ? head_dim - e : last - i;
+        const T* from = src + (((g * batch + b) * heads + h) * tokens + n) * head_dim + e;
+        for (std::int64_t j = 0; j < run; ++j) dst[i + j] = from[j];
+        i += run;
+        e = 0;
+        if (++h == heads) { h = 0; if (++g == groups) { g = 0; if (++n == tokens) { n = 0; ++b; } } }
+      }
+    }
+#else
+    (void)begin;
+    (void)end;
+#endif
+  }
 };
 
 }  // namespace dr2net
