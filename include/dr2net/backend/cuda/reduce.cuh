@@ -1,8 +1,10 @@
 #pragma once
 //! \file
-//! The device reductions, host twins in backend/host/context.hpp:
+//! The device reductions, host twins in backend/host/reduce.hpp:
 //! max_abs_diff_and_max(CudaContext&, a, b, n), the reconstruction monitor's comparison
 //! ((max_i |a_i - b_i|, max_i |b_i|) in double, NaN reported rather than hidden by max);
+//! compare_and_restore(CudaContext&, stream, snapshot, n), error-bounded mode's comparison
+//! fused with the snapshot restore (the same pair, in the stream type, and stream <- snapshot);
 //! count_not_finite(CudaContext&, p, n); stream_checksum(CudaContext&, fixed-point p, n), the
 //! exact mode's per-module checksum (a sum modulo 2^64, so bit-identical to the host's).
 //!
@@ -73,6 +75,49 @@ __global__ void __launch_bounds__(kReduceThreads)
     acc.mag = m > acc.mag ? m : acc.mag;  // as the host twin: a NaN in b does not set the magnitude
   }
   const DiffAndMax r = BlockReduce(temp).Reduce(acc, DiffAndMaxOp{});
+  if (threadIdx.x == 0) partials[blockIdx.x] = r;
+}
+
+//! The type compare_and_restore compares in, as its host twin: a floating stream type itself,
+//! double for fixed point (and float for 16-bit floating types).
+template <class T>
+using compare_type_t =
+    std::conditional_t<std::is_floating_point_v<T>, T, std::conditional_t<is_fixed_point_v<T>, double, float>>;
+
+//! A stream element in the comparison type U (16-bit floating types through float).
+template <class U, class T>
+__device__ __forceinline__ U as_compare(T v) {
+  if constexpr (std::is_floating_point_v<T> || is_fixed_point_v<T>) return static_cast<U>(v);
+  else return static_cast<U>(static_cast<float>(v));
+}
+
+//! max(acc, v) keeping a NaN, as one select: v when v > acc or v is NaN, else acc.
+template <class U>
+__device__ __forceinline__ U nan_keeping_max(U acc, U v) {
+  return ((v > acc) | (v != v)) ? v : acc;
+}
+
+//! One (max |a - b|, max |b|) partial per block over a grid-stride slice of [0, n), computed
+//! in compare_type_t<T> and widened exactly to double; every a[i] is then overwritten by b[i]
+//! (a and b must not overlap).
+template <class T>
+__global__ void __launch_bounds__(kReduceThreads)
+    compare_restore_partials(T* a, const T* b, std::size_t n, DiffAndMax* partials) {
+  using U = compare_type_t<T>;
+  using BlockReduce = cub::BlockReduce<DiffAndMax, kReduceThreads>;
+  __shared__ typename BlockReduce::TempStorage temp;
+  U diff = U(0), mag = U(0);
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const T bv = b[i];
+    const U bi = as_compare<U>(bv);
+    diff = nan_keeping_max(diff, fabs(as_compare<U>(a[i]) - bi));  // NaN when either is NaN
+    const U m = fabs(bi);
+    mag = m > mag ? m : mag;  // a NaN of b does not set the magnitude
+    a[i] = bv;
+  }
+  const DiffAndMax r =
+      BlockReduce(temp).Reduce(DiffAndMax{static_cast<double>(diff), static_cast<double>(mag)}, DiffAndMaxOp{});
   if (threadIdx.x == 0) partials[blockIdx.x] = r;
 }
 
@@ -193,6 +238,34 @@ std::pair<double, double> max_abs_diff_and_max(CudaContext& ctx, const T* a, con
       <<<blocks, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(a, b, n, partials.data());
   DR2NET_CUDA_CHECK_LAUNCH("dr2net diff_and_max_partials");
   cuda_detail::diff_and_max_final<cuda_detail::kReduceThreads><<<1, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(partials.data(), blocks);
+  DR2NET_CUDA_CHECK_LAUNCH("dr2net diff_and_max_final");
+  DiffAndMax r{};
+  DR2NET_CUDA_CHECK(cudaMemcpyAsync(&r, partials.data(), sizeof r, cudaMemcpyDeviceToHost, ctx.stream()));
+  ctx.synchronize();
+  return {r.diff, r.mag};
+}
+
+//! Error-bounded mode's snapshot restore fused with its comparison, on device arrays
+//! stream[0, n) and snapshot[0, n) (no overlap): returns (max_i |stream_i - snapshot_i|,
+//! max_i |snapshot_i|) computed in the stream type (double for fixed point), widened exactly
+//! to double, and leaves stream_i = snapshot_i. A NaN difference makes the first value NaN;
+//! NaNs of the snapshot do not enter the second. Bit-identical to the host twin
+//! (backend/host/reduce.hpp) whatever the grid: both are maxima of the same values. n == 0
+//! gives (0, 0) without a launch. Runs on ctx's stream and waits for the result; launch and
+//! copy failures throw dr2net::Error.
+template <class T>
+std::pair<double, double> compare_and_restore(CudaContext& ctx, T* stream, const T* snapshot, std::size_t n) {
+  if (n == 0) return {0.0, 0.0};
+  using cuda_detail::DiffAndMax;
+  const std::size_t blocks_wanted = (n + cuda_detail::kReduceThreads - 1) / cuda_detail::kReduceThreads;
+  const int blocks = static_cast<int>(std::min<std::size_t>(
+      blocks_wanted, std::min<std::size_t>(1024, static_cast<std::size_t>(ctx.multiprocessor_count()) * 4)));
+  auto partials = ctx.allocate<DiffAndMax>(static_cast<std::size_t>(blocks), MemoryCategory::Other);
+  cuda_detail::compare_restore_partials<T>
+      <<<blocks, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(stream, snapshot, n, partials.data());
+  DR2NET_CUDA_CHECK_LAUNCH("dr2net compare_restore_partials");
+  cuda_detail::diff_and_max_final<cuda_detail::kReduceThreads>
+      <<<1, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(partials.data(), blocks);
   DR2NET_CUDA_CHECK_LAUNCH("dr2net diff_and_max_final");
   DiffAndMax r{};
   DR2NET_CUDA_CHECK(cudaMemcpyAsync(&r, partials.data(), sizeof r, cudaMemcpyDeviceToHost, ctx.stream()));

@@ -176,42 +176,10 @@ class HostContext {
   MemoryMeter meter_;
 };
 
-//! max_i |a_i - b_i| and max_i |b_i|, in double: the monitor's comparison.
-template <class T>
-std::pair<double, double> max_abs_diff_and_max(HostContext&, const T* a, const T* b, std::size_t n) {
-  double diff = 0, mag = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
-    diff = d < 0 ? (-d > diff ? -d : diff) : (d > diff ? d : diff);
-    const double m = static_cast<double>(b[i]) < 0 ? -static_cast<double>(b[i]) : static_cast<double>(b[i]);
-    mag = m > mag ? m : mag;
-    if (d != d) diff = d;  // NaN is reported, not hidden by max
-  }
-  return {diff, mag};
-}
-
 //! dst[0, n) <- src[0, n): reading library memory back (host memory already; a plain copy).
 template <class T>
 void copy_to_host(HostContext&, T* dst, const T* src, std::size_t n) {
   if (n > 0) std::memcpy(dst, src, n * sizeof(T));
-}
-
-//! Number of NaN or infinite elements in [0, n): the non-finite checks of parameter gradients
-//! and the diagnosis that names a bad tensor.
-template <class T>
-std::size_t count_not_finite(HostContext&, const T* p, std::size_t n) {
-  std::size_t bad = 0;
-  for (std::size_t i = 0; i < n; ++i) bad += fixed::not_finite(static_cast<double>(p[i])) ? 1 : 0;
-  return bad;
-}
-
-//! The 64-bit checksum of a fixed-point stream: sum of checksum_term(i, raw_i) modulo 2^64
-//! (order-independent, so every backend's reduction gives the same value).
-template <int B>
-std::uint64_t stream_checksum(HostContext&, const FixedPoint<B>* p, std::size_t n) {
-  std::uint64_t sum = 0;
-  for (std::size_t i = 0; i < n; ++i) sum += fixed::checksum_term(i, p[i].raw);
-  return sum;
 }
 
 //! Runs `fn(i)` for i in [0, n): the host form of an elementwise kernel launch. Block code
@@ -222,3 +190,7 @@ void for_each_index(HostContext&, std::size_t n, const Fn& fn) {
 }
 
 }  // namespace dr2net
+
+// The reductions (max_abs_diff_and_max, compare_and_restore, count_not_finite,
+// stream_checksum) need HostContext complete: included after it.
+#include "dr2net/backend/host/reduce.hpp"
