@@ -12,15 +12,57 @@
 //!   GELU backward:  g_i = g_i * m_i * gelu'(z_i)
 //!   drop:           dst_i = src_i * m_i
 
+//!
+//! On the host, for_each_index runs a functor's `run_range(begin, end)` where it has one: the
+//! GELU functors evaluate their float elements there with SLEEF's vector erf/exp
+//! (backend/host/vector_math.hpp, where DR2NET_HOST_VECTOR_ERF is 1) and every functor takes
+//! its mask factors four elements per Philox evaluation (DropScale::factors). Element i's value
+//! is the same whatever range it is run in, a range's partial last vector included; where
+//! DR2NET_HOST_VECTOR_ERF is 0 it is also exactly operator()(i)'s. run_range is a host
+//! function (host code in a .cu file may call it); a CUDA device pass sees only its
+//! declaration, never SLEEF.
+
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "dr2net/backend/host/gelu.hpp"
+#include "dr2net/backend/host/vector_math.hpp"
 #include "dr2net/core/compute_type.hpp"
 #include "dr2net/core/config.hpp"
 #include "dr2net/modules/drop.hpp"
 
 namespace dr2net {
+
+#if !defined(__CUDA_ARCH__)
+namespace detail {
+
+// Elements the host range loops take at once: one vector where vector math is compiled in,
+// else 8 (two Philox blocks of mask factors).
+#if DR2NET_HOST_VECTOR_MATH
+inline constexpr std::size_t kHostRangeGroup = simd::kLanes;
+#else
+inline constexpr std::size_t kHostRangeGroup = 8;
+#endif
+
+// body(i, count, f) for consecutive groups [i, i + count) of [begin, end), count <=
+// kHostRangeGroup, with f[k] = mask(i + k) (all 1 when the mask is inactive). f holds
+// kHostRangeGroup factors; those past `count` belong to indices beyond the group and are unused.
+template <class A, class Body>
+void for_each_masked_group(std::size_t begin, std::size_t end, const DropScale<A>& mask, Body&& body) {
+  constexpr int kGroup = static_cast<int>(kHostRangeGroup);
+  alignas(64) A f[kGroup];
+  for (int k = 0; k < kGroup; ++k) f[k] = A(1);
+  const bool active = mask.active();
+  for (std::size_t i = begin; i < end; i += kHostRangeGroup) {
+    const std::size_t count = end - i < kHostRangeGroup ? end - i : kHostRangeGroup;
+    if (active) mask.template factors<kGroup>(static_cast<std::uint64_t>(i), f);
+    body(i, count, f, active);
+  }
+}
+
+}  // namespace detail
+#endif  // !__CUDA_ARCH__
 
 //! a[i] = gelu(z[i]) * mask(i): the MLP's activation with its hidden dropout in one pass.
 template <class T>
@@ -31,6 +73,29 @@ struct GeluDropForward {
   //! Writes a[i] from z[i].
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     a[i] = narrow<T>(gelu_erf(widen(z[i])) * mask(static_cast<std::uint64_t>(i)));
+  }
+  //! Host only: a[i] for i in [begin, end), the same value for element i whatever range it is
+  //! run in. Float elements go through SLEEF's vector erf where DR2NET_HOST_VECTOR_ERF is 1;
+  //! otherwise each value is operator()(i)'s.
+  void run_range(std::size_t begin, std::size_t end) const {
+#if !defined(__CUDA_ARCH__)  // a host function: a device pass parses it, never compiles it
+    using A = accumulate_t<T>;
+    const auto group = [&](std::size_t i, std::size_t count, const A* f, [[maybe_unused]] bool active) {
+#if DR2NET_HOST_VECTOR_ERF
+      if constexpr (std::is_same_v<T, float>) {
+        using namespace detail::simd;
+        vfloat v = detail::simd::gelu_erf(load_n(z + i, count, 0.0f));
+        if (active) v = mul(v, load(f));
+        store_n(a + i, v, count);
+        return;
+      }
+#endif
+      for (std::size_t k = 0; k < count; ++k) a[i + k] = narrow<T>(gelu_erf(widen(z[i + k])) * f[k]);
+    };
+    detail::for_each_masked_group(begin, end, mask, group);
+#else
+    (void)begin, (void)end;
+#endif
   }
 };
 
@@ -44,6 +109,30 @@ struct GeluDropBackward {
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     g[i] = narrow<T>(widen(g[i]) * mask(static_cast<std::uint64_t>(i)) * gelu_erf_derivative(widen(z[i])));
   }
+  //! Host only: g[i] for i in [begin, end), the same value for element i whatever range it is
+  //! run in. Float elements go through SLEEF's vector erf and exp where
+  //! DR2NET_HOST_VECTOR_ERF is 1; otherwise each value is operator()(i)'s.
+  void run_range(std::size_t begin, std::size_t end) const {
+#if !defined(__CUDA_ARCH__)  // a host function: a device pass parses it, never compiles it
+    using A = accumulate_t<T>;
+    const auto group = [&](std::size_t i, std::size_t count, const A* f, [[maybe_unused]] bool active) {
+#if DR2NET_HOST_VECTOR_ERF
+      if constexpr (std::is_same_v<T, float>) {
+        using namespace detail::simd;
+        vfloat gv = load_n(g + i, count, 0.0f);
+        if (active) gv = mul(gv, load(f));  // g * m * gelu'(z), in operator()'s order (m == 1 inactive)
+        store_n(g + i, mul(gv, detail::simd::gelu_erf_derivative(load_n(z + i, count, 0.0f))), count);
+        return;
+      }
+#endif
+      for (std::size_t k = 0; k < count; ++k)
+        g[i + k] = narrow<T>(widen(g[i + k]) * f[k] * gelu_erf_derivative(widen(z[i + k])));
+    };
+    detail::for_each_masked_group(begin, end, mask, group);
+#else
+    (void)begin, (void)end;
+#endif
+  }
 };
 
 //! dst[i] = src[i] * mask(i) (dst may be src): an output's drop-path and dropout.
@@ -55,6 +144,18 @@ struct DropApply {
   //! Masks and scales element `i`.
   DR2NET_HD_INLINE void operator()(std::size_t i) const {
     dst[i] = narrow<T>(widen(src[i]) * mask(static_cast<std::uint64_t>(i)));
+  }
+  //! Host only: dst[i] for i in [begin, end), each exactly operator()(i)'s value, with the
+  //! mask's factors taken a group at a time.
+  void run_range(std::size_t begin, std::size_t end) const {
+#if !defined(__CUDA_ARCH__)  // a host function: a device pass parses it, never compiles it
+    using A = accumulate_t<T>;
+    detail::for_each_masked_group(begin, end, mask, [&](std::size_t i, std::size_t count, const A* f, bool) {
+      for (std::size_t k = 0; k < count; ++k) dst[i + k] = narrow<T>(widen(src[i + k]) * f[k]);
+    });
+#else
+    (void)begin, (void)end;
+#endif
   }
 };
 
