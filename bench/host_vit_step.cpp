@@ -5,13 +5,14 @@
 //   dr2net_bench_host_vit_step [--layers 12] [--batch 8] [--tokens 197] [--dim 192] [--heads 3]
 //                              [--hidden 768] [--steps 5] [--json FILE]
 //                              [--mode standard,reversible,error-bounded] [--alpha 0] [--beta 1]
-//                              [--eb-alpha 1] [--eb-beta 0.1] [--dump FILE]
+//                              [--eb-alpha 1] [--eb-beta 0.1] [--dump FILE] [--threads 0]
 //
 // Defaults are ViT-Tiny/16 at 224 px (fp32), standard and reversible mode at (alpha, beta) =
 // (0, 1); error-bounded mode, when asked for, runs at the paper's starting point (1, 0.1). The
 // modes run interleaved, step by step, so that load from other processes affects them alike;
-// the median over steps is reported. Threads come from the environment (the host context and
-// the BLAS read it), so the same variables pin both sides of a comparison with another library
+// the median over steps is reported. Threads come from --threads, else from the environment
+// (DR2NET_NUM_THREADS, else OMP_NUM_THREADS: the host context reads them), so the same
+// variables pin both sides of a comparison with another library
 // (scripts/bench-vs-pytorch). --dump writes the first mode's untimed step (weights under timm's
 // names, h0, dout, out, dh0 and every parameter gradient) as a safetensors file, so that another
 // implementation of the same blocks can check it computes the same function.
@@ -50,6 +51,7 @@ struct Options {
   int layers = 12;
   std::int64_t batch = 8, tokens = 197, dim = 192, heads = 3, hidden = 768;
   int steps = 5;
+  int threads = 0;  // host threads of every context (0: DR2NET_NUM_THREADS, OMP_NUM_THREADS, the cores)
   std::string json;
   std::string modes = "standard,reversible";
   double alpha = 0.0, beta = 1.0;       // standard and reversible mode
@@ -87,6 +89,7 @@ std::optional<int> parse(int argc, char** argv, Options& o) {
   add_integer(app, "--heads", o.heads, std::int64_t{1}, kMax, "attention heads");
   add_integer(app, "--hidden", o.hidden, std::int64_t{1}, kMax, "MLP hidden width");
   add_integer(app, "--steps", o.steps, 1, 1 << 20, "timed steps per mode");
+  add_integer(app, "--threads", o.threads, 0, dr2net::kMaxHostThreads, "host threads (0: from the environment)");
   app.add_option("--json", o.json, "the results as JSON");
   app.add_option("--mode", o.modes, "the modes to run, interleaved step by step")
       ->check(dr2net_cli::list_of(CLI::IsMember({"standard", "reversible", "error-bounded"})))
@@ -121,7 +124,8 @@ struct Run {
   Stack stack;
   std::vector<double> seconds, forward_seconds, backward_seconds;
   Run(const Options& o, dr2net::BackpropMode mode, double alpha = 0.0, double beta = 1.0)
-      : stack(ctx,
+      : ctx({.threads = o.threads}),
+        stack(ctx,
               dr2net::make_vit_layers<T, Sched>(o.layers, dr2net::VitLayerConfig{o.dim, o.heads, o.hidden}, 2024),
               Sched(alpha, beta), {.mode = mode, .seed = 7}) {}
 
@@ -292,8 +296,8 @@ int main(int argc, char** argv) {
     std::printf("ViT host training step: %d layers, batch %lld, tokens %lld, dim %lld, heads %lld, hidden %lld, fp32\n",
                 o.layers, static_cast<long long>(o.batch), static_cast<long long>(o.tokens),
                 static_cast<long long>(o.dim), static_cast<long long>(o.heads), static_cast<long long>(o.hidden));
-    std::printf("host GEMM: %s; %d timed steps per mode (median, min); %zu parameters\n",
-                std::string(dr2net::host_gemm_backend()).c_str(), o.steps, parameters);
+    std::printf("host GEMM: %s; %d host threads; %d timed steps per mode (median, min); %zu parameters\n",
+                std::string(dr2net::host_gemm_backend()).c_str(), runs[0]->ctx.threads(), o.steps, parameters);
     std::printf("%-13s %-13s %9s %9s %10s %11s %24s\n", "mode", "(alpha, beta)", "s/step", "min s", "forward s",
                 "backward s", "peak activation bytes");
     for (std::size_t k = 0; k < runs.size(); ++k) {
@@ -320,7 +324,7 @@ int main(int argc, char** argv) {
         << "  \"precision\": \"fp32\",\n"
         << "  \"layers\": " << o.layers << ", \"batch\": " << o.batch << ", \"tokens\": " << o.tokens
         << ", \"dim\": " << o.dim << ", \"heads\": " << o.heads << ", \"hidden\": " << o.hidden
-        << ", \"timed_steps\": " << o.steps << ",\n"
+        << ", \"timed_steps\": " << o.steps << ", \"threads\": " << runs[0]->ctx.threads() << ",\n"
         << "  \"parameters\": " << parameters << ", \"forward_gemm_flops\": " << integer_text(forward_gemm_flops(o)) << ",\n"
         << "  \"environment\": {\"DR2NET_NUM_THREADS\": " << env_json("DR2NET_NUM_THREADS")
         << ", \"OMP_NUM_THREADS\": " << env_json("OMP_NUM_THREADS") << ", \"OPENBLAS_NUM_THREADS\": "

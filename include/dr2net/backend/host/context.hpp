@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "dr2net/backend/host/parallel.hpp"
 #include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
 #include "dr2net/core/fixed_point.hpp"
@@ -27,6 +28,12 @@ struct HostContextOptions {
   //! (reserve_bytes) that would take the meter's total above it is refused with an error naming
   //! what was asked for, instead of being attempted.
   std::size_t memory_limit = 0;
+  //! Threads the host kernels run on (the OpenMP pool, backend/host/parallel.hpp). 0: from
+  //! the environment, DR2NET_NUM_THREADS, else OMP_NUM_THREADS, else the processors available.
+  //! Results are bit-identical whatever the count: work is split into chunks fixed by the
+  //! problem alone and partial results are combined in chunk order. Without OpenMP the
+  //! context runs on one thread whatever is asked. Negative values are refused.
+  int threads = 0;
 };
 
 class HostContext;
@@ -104,8 +111,11 @@ class HostContext {
   //! of its arenas to).
   static constexpr std::size_t allocation_alignment = 64;
   //! A context with the given options and an empty meter. Neither copyable nor movable: buffers and
-  //! reservations keep a pointer to its meter.
-  explicit HostContext(HostContextOptions options = {}) : options_(options) {}
+  //! reservations keep a pointer to its meter. Resolves the thread count now (threads());
+  //! throws dr2net::Error for a negative HostContextOptions::threads or a malformed
+  //! DR2NET_NUM_THREADS / OMP_NUM_THREADS, naming the value.
+  explicit HostContext(HostContextOptions options = {})
+      : options_(options), threads_(resolve_host_threads(options.threads)) {}
   HostContext(const HostContext&) = delete;
   HostContext& operator=(const HostContext&) = delete;
 
@@ -116,6 +126,9 @@ class HostContext {
   const MemoryMeter& meter() const noexcept { return meter_; }
   //! The options the context was constructed with.
   const HostContextOptions& options() const noexcept { return options_; }
+  //! Threads this context's kernels run on: HostContextOptions::threads, or the environment's
+  //! count when that is 0 (resolve_host_threads); 1 without OpenMP. Fixed for the context's life.
+  int threads() const noexcept { return threads_; }
 
   //! `count` elements of T, metered under `category`. A byte count that overflows, one over
   //! HostContextOptions::memory_limit and an out-of-memory all throw dr2net::Error naming the
@@ -173,6 +186,7 @@ class HostContext {
   }
 
   HostContextOptions options_;
+  int threads_ = 1;
   MemoryMeter meter_;
 };
 
@@ -182,11 +196,34 @@ void copy_to_host(HostContext&, T* dst, const T* src, std::size_t n) {
   if (n > 0) std::memcpy(dst, src, n * sizeof(T));
 }
 
-//! Runs `fn(i)` for i in [0, n): the host form of an elementwise kernel launch. Block code
-//! calls this with the same functor objects a device backend launches.
+//! Elements per chunk of for_each_index: [0, n) is cut at multiples of this, whatever the
+//! thread count (a multiple of 64, so SIMD bodies see whole vectors but in the last chunk).
+inline constexpr std::size_t kHostElementChunk = 8192;
+
+//! Whether an elementwise functor provides the host-only range method
+//! `void run_range(std::size_t begin, std::size_t end) const`, which for_each_index then calls
+//! per chunk instead of fn(i) per element. It must produce for every element i in
+//! [begin, end) exactly what it produces for i in any other range (tails handled by the same
+//! vector arithmetic, not a scalar fallback that rounds differently).
 template <class Fn>
-void for_each_index(HostContext&, std::size_t n, const Fn& fn) {
-  for (std::size_t i = 0; i < n; ++i) fn(i);
+concept HostRangeFunctor = requires(const Fn& fn, std::size_t begin, std::size_t end) { fn.run_range(begin, end); };
+
+//! Runs `fn(i)` for i in [0, n): the host form of an elementwise kernel launch. Block code
+//! calls this with the same functor objects a device backend launches. [0, n) is split into
+//! chunks of kHostElementChunk elements that run on the context's threads (threads()), in
+//! no particular order; each chunk calls fn.run_range(begin, end) when the functor has it
+//! (HostRangeFunctor), else fn(i) for its i in order. So fn(i) for distinct i may run
+//! concurrently: each element's work must write only memory of its own (flags that several
+//! elements may set to the same value aside). Results do not depend on the thread count.
+template <class Fn>
+void for_each_index(HostContext& ctx, std::size_t n, const Fn& fn) {
+  parallel_for(ctx.threads(), n, kHostElementChunk, [&fn](std::size_t begin, std::size_t end) {
+    if constexpr (HostRangeFunctor<Fn>) {
+      fn.run_range(begin, end);
+    } else {
+      for (std::size_t i = begin; i < end; ++i) fn(i);
+    }
+  });
 }
 
 }  // namespace dr2net

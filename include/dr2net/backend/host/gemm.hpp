@@ -6,6 +6,13 @@
 //! cblas_dgemm; otherwise a cache-blocked, register-tiled loop implementation runs. Both
 //! follow BLAS semantics: beta == 0 overwrites C without reading it (so NaN-poisoned output
 //! buffers are fine), and k == 0 only scales C.
+//!
+//! Threads: host_gemm runs on the calling thread (an OpenBLAS is kept at one thread, since its
+//! threaded GEMM rounds differently at different thread counts; the OpenMP build of OpenBLAS
+//! without any lasting setting, the pthread build by openblas_set_num_threads(1)).
+//! host_gemm_parallel splits C into a fixed number of row or column blocks chosen from the
+//! shape alone (host_gemm_blocks) and runs the blocks as single-threaded GEMMs on the OpenMP
+//! pool, so its result is bit-identical at every thread count.
 
 #include <algorithm>
 #include <cstddef>
@@ -13,8 +20,10 @@
 #include <limits>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "dr2net/backend/host/parallel.hpp"
 #include "dr2net/core/error.hpp"
 
 #if defined(DR2NET_HAVE_CBLAS)
@@ -130,6 +139,46 @@ void gemm_blocked(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, st
   }
 }
 
+//! While it lives, the calling thread's OpenBLAS calls run on one thread (nothing for another
+//! CBLAS): dr2net's GEMMs take their threads from the fixed blocks of host_gemm_parallel, and
+//! OpenBLAS's threaded GEMM rounds differently at different thread counts.
+//!  - OpenMP OpenBLAS (openblas_get_parallel() == 2): it threads a call by the caller's
+//!    omp_get_max_threads() and never inside an active parallel region, so outside one the
+//!    guard sets omp_set_num_threads(1) and restores the caller's value when it ends: no lasting
+//!    side effect. (In a translation unit without OpenMP it falls back to the next rule.)
+//!  - pthread OpenBLAS: openblas_set_num_threads(1), process-wide (the program's other OpenBLAS
+//!    calls then run on one thread too), once: later guards find it set.
+class BlasOneThread {
+ public:
+  BlasOneThread() {
+#if defined(DR2NET_HAVE_CBLAS) && defined(OPENBLAS_VERSION)
+    static const bool openmp_blas = openblas_get_parallel() == 2;
+#if defined(_OPENMP)
+    if (openmp_blas) {
+      if (!in_host_parallel_region() && omp_get_max_threads() != 1) {
+        restore_ = omp_get_max_threads();
+        omp_set_num_threads(1);
+      }
+      return;
+    }
+#else
+    (void)openmp_blas;
+#endif
+    if (openblas_get_num_threads() != 1) openblas_set_num_threads(1);
+#endif
+  }
+  ~BlasOneThread() {
+#if defined(DR2NET_HAVE_CBLAS) && defined(OPENBLAS_VERSION) && defined(_OPENMP)
+    if (restore_ > 0) omp_set_num_threads(restore_);
+#endif
+  }
+  BlasOneThread(const BlasOneThread&) = delete;
+  BlasOneThread& operator=(const BlasOneThread&) = delete;
+
+ private:
+  [[maybe_unused]] int restore_ = 0;  // the caller's omp_get_max_threads() to restore (0: nothing changed)
+};
+
 }  // namespace detail
 
 //! The loop implementation alone (what host_gemm runs without CBLAS), same contract and the
@@ -163,6 +212,7 @@ void host_gemm_loops(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n,
 //! Throws dr2net::Error, naming the values, for a negative m, n or k, or a leading dimension
 //! below its operand's row length (lda < k or m, ldb < n or k as transposed, ldc < n, each at
 //! least 1); with CBLAS also for sizes beyond int. A and B must not overlap C. Synchronous;
+//! runs on the calling thread (an OpenBLAS is kept at one thread: detail::BlasOneThread);
 //! safe to call from several threads on distinct C.
 template <class T>
 void host_gemm(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
@@ -171,6 +221,7 @@ void host_gemm(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::
   detail::check_gemm_args(ta, tb, m, n, k, lda, ldb, ldc);
   if (m == 0 || n == 0) return;
 #if defined(DR2NET_HAVE_CBLAS)
+  const detail::BlasOneThread one_thread;
   constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
   DR2NET_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax,
                "gemm: sizes (m = ", m, ", n = ", n, ", k = ", k, ") exceed CBLAS's int range");
@@ -185,6 +236,79 @@ void host_gemm(Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::
 #else
   host_gemm_loops<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif
+}
+
+//! How host_gemm_parallel splits C[m, n] for a product with inner size k: into `count` blocks
+//! along its rows (`rows` true) or columns, cut at multiples of 16 (host_gemm_block_begin).
+struct HostGemmBlocks {
+  std::int64_t count = 1;  //!< number of blocks, a power of two from 1 to 16
+  bool rows = true;        //!< true: blocks of rows of C (split m); false: of columns (split n)
+};
+
+//! The blocks of host_gemm_parallel, from the shape alone (never the thread count): C is split
+//! along its longer side, into 2 blocks once the product has 8 Mi multiply-adds and that
+//! side 128 elements, then into twice as many while every block keeps at least 256 rows (or
+//! columns) and 8 Mi multiply-adds, up to 16. Few, large blocks: each block packs the
+//! operand it shares with the others again, which costs a few percent per halving of the
+//! block. Powers of two keep 2 and 4 threads evenly loaded.
+inline HostGemmBlocks host_gemm_blocks(std::int64_t m, std::int64_t n, std::int64_t k) {
+  constexpr double kMinWork = 8.0 * 1024 * 1024;
+  HostGemmBlocks b;
+  b.rows = m >= n;
+  const std::int64_t side = b.rows ? m : n;
+  const double work = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  if (work < 2 * kMinWork || side < 128) return b;
+  b.count = 2;
+  while (b.count < 16 && side / (2 * b.count) >= 256 && work / static_cast<double>(2 * b.count) >= kMinWork)
+    b.count *= 2;
+  return b;
+}
+
+//! First row (or column) of block `i` of `count` blocks over a side of `side` elements: i * side
+//! / count rounded down to a multiple of 16 (0 for i = 0, side for i = count).
+inline std::int64_t host_gemm_block_begin(std::int64_t side, std::int64_t count, std::int64_t i) {
+  if (i >= count) return side;
+  return (side / count * i + side % count * i / count) / 16 * 16;
+}
+
+//! Block `i` of `blocks` of C[m, n] as a single-threaded host_gemm: rows (or columns) [r0, r1)
+//! of C with the matching rows of op(A) (or columns of op(B)). Returns {r0, r1}, so a caller
+//! that prepares C block by block (gemm_bias_add's fill) knows which part it owns.
+template <class T>
+std::pair<std::int64_t, std::int64_t> host_gemm_block(const HostGemmBlocks& blocks, std::int64_t i, Transpose ta,
+                                                      Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k,
+                                                      T alpha, const T* a, std::int64_t lda, const T* b,
+                                                      std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
+  const std::int64_t side = blocks.rows ? m : n;
+  const std::int64_t b0 = host_gemm_block_begin(side, blocks.count, i), b1 = host_gemm_block_begin(side, blocks.count, i + 1);
+  if (blocks.rows)  // rows b0..b1 of C: those rows of op(A), all of op(B)
+    host_gemm<T>(ta, tb, b1 - b0, n, k, alpha, ta == Transpose::No ? a + b0 * lda : a + b0, lda, b, ldb, beta,
+                 c + b0 * ldc, ldc);
+  else  // columns b0..b1 of C: all of op(A), those columns of op(B)
+    host_gemm<T>(ta, tb, m, b1 - b0, k, alpha, a, lda, tb == Transpose::No ? b + b0 : b + b0 * ldb, ldb, beta, c + b0,
+                 ldc);
+  return {b0, b1};
+}
+
+//! host_gemm's contract, run as the fixed blocks of host_gemm_blocks(m, n, k), each a
+//! single-threaded host_gemm (host_gemm_block), on up to `threads` threads (parallel_for).
+//! The blocks do not depend on `threads`, so neither does any bit of C. Same checks and
+//! errors as host_gemm.
+template <class T>
+void host_gemm_parallel(int threads, Transpose ta, Transpose tb, std::int64_t m, std::int64_t n, std::int64_t k,
+                        T alpha, const T* a, std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c,
+                        std::int64_t ldc) {
+  detail::check_gemm_args(ta, tb, m, n, k, lda, ldb, ldc);
+  const HostGemmBlocks blocks = host_gemm_blocks(m, n, k);
+  if (blocks.count == 1) {
+    host_gemm<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  const detail::BlasOneThread one_thread;  // set before the workers call OpenBLAS
+  parallel_for(threads, static_cast<std::size_t>(blocks.count), 1, [&](std::size_t first, std::size_t last) {
+    for (std::size_t i = first; i < last; ++i)
+      host_gemm_block<T>(blocks, static_cast<std::int64_t>(i), ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  });
 }
 
 }  // namespace dr2net
