@@ -296,8 +296,9 @@ int main(int argc, char** argv) {
     std::printf("ViT host training step: %d layers, batch %lld, tokens %lld, dim %lld, heads %lld, hidden %lld, fp32\n",
                 o.layers, static_cast<long long>(o.batch), static_cast<long long>(o.tokens),
                 static_cast<long long>(o.dim), static_cast<long long>(o.heads), static_cast<long long>(o.hidden));
-    std::printf("host GEMM: %s; %d host threads; %d timed steps per mode (median, min); %zu parameters\n",
-                std::string(dr2net::host_gemm_backend()).c_str(), runs[0]->ctx.threads(), o.steps, parameters);
+    std::printf("host GEMM: %s; vector math: %s; %d host threads; %d timed steps per mode (median, min); %zu parameters\n",
+                std::string(dr2net::host_gemm_backend()).c_str(), std::string(dr2net::host_vector_math()).c_str(),
+                runs[0]->ctx.threads(), o.steps, parameters);
     std::printf("%-13s %-13s %9s %9s %10s %11s %24s\n", "mode", "(alpha, beta)", "s/step", "min s", "forward s",
                 "backward s", "peak activation bytes");
     for (std::size_t k = 0; k < runs.size(); ++k) {
@@ -321,6 +322,7 @@ int main(int argc, char** argv) {
       f << "{\n"
         << "  \"benchmark\": \"host_vit_step\",\n"
         << "  \"gemm\": \"" << dr2net::host_gemm_backend() << "\",\n"
+        << "  \"vector_math\": \"" << dr2net::host_vector_math() << "\",\n"
         << "  \"precision\": \"fp32\",\n"
         << "  \"layers\": " << o.layers << ", \"batch\": " << o.batch << ", \"tokens\": " << o.tokens
         << ", \"dim\": " << o.dim << ", \"heads\": " << o.heads << ", \"hidden\": " << o.hidden

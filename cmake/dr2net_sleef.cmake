@@ -7,8 +7,8 @@
 # erf and exp through SLEEF's 1.0-ulp vector functions, several elements per instruction.
 # Without it they use the C library's scalar erff/expf, as before. The vector width follows the
 # compiler's target flags (docs/host-performance.md, "Vector math"): 4 lanes (SSE2) for the
-# default x86-64 build, 8 (AVX) or 16 (AVX-512F) when CMAKE_CXX_FLAGS carry e.g.
-# -march=x86-64-v3 or -march=x86-64-v4.
+# default x86-64 build, 8 (AVX) or 16 (AVX-512F) when CMAKE_CXX_FLAGS or DR2NET_HOST_ARCH carry
+# e.g. -march=x86-64-v3 or -march=x86-64-v4.
 # DR2NET_USE_SLEEF defaults to ON only when dr2net is the top-level project; a consumer using
 # add_subdirectory/FetchContent sets it ON and links dr2net::sleef, and a consumer of the
 # installed package defines DR2NET_HAVE_SLEEF and links libsleef itself.
@@ -36,13 +36,18 @@ if(DR2NET_USE_SLEEF AND NOT TARGET dr2net_sleef)
     # same macro tests as backend/host/vector_math.hpp).
     include(CheckCXXSourceCompiles)
     set(CMAKE_REQUIRED_QUIET ON)
+    set(_dr2net_arch_flag "")
+    if(DR2NET_HOST_ARCH)
+      set(_dr2net_arch_flag "-march=${DR2NET_HOST_ARCH}")
+    endif()
+    set(CMAKE_REQUIRED_FLAGS "${_dr2net_arch_flag}")
     set(_dr2net_sleef_width "none: not an x86 target with SSE2; the scalar C library is used")
     foreach(_dr2net_isa "16 lanes (AVX-512F)|__AVX512F__" "8 lanes (AVX)|__AVX__" "4 lanes (SSE2)|__SSE2__")
       string(REPLACE "|" ";" _dr2net_isa "${_dr2net_isa}")
       list(GET _dr2net_isa 0 _dr2net_isa_name)
       list(GET _dr2net_isa 1 _dr2net_isa_macro)
       # Cached per set of flags: a reconfigure with other -march flags checks again.
-      string(MD5 _dr2net_flags_hash "${CMAKE_CXX_COMPILER} ${CMAKE_CXX_FLAGS}")
+      string(MD5 _dr2net_flags_hash "${CMAKE_CXX_COMPILER} ${CMAKE_CXX_FLAGS} ${_dr2net_arch_flag}")
       string(SUBSTRING "${_dr2net_flags_hash}" 0 8 _dr2net_flags_hash)
       string(MAKE_C_IDENTIFIER "DR2NET_SLEEF_HAS${_dr2net_isa_macro}_${_dr2net_flags_hash}" _dr2net_isa_var)
       check_cxx_source_compiles("
@@ -55,6 +60,7 @@ int main() { return 0; }" ${_dr2net_isa_var})
         break()
       endif()
     endforeach()
+    unset(CMAKE_REQUIRED_FLAGS)
     message(STATUS "dr2net: host erf/exp use SLEEF (${DR2NET_SLEEF_LIBRARY}, header in "
                    "${DR2NET_SLEEF_INCLUDE_DIR}); vector width under these flags: ${_dr2net_sleef_width}")
   else()

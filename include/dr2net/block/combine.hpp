@@ -15,6 +15,7 @@
 //! `operands` (core/operands.hpp), which lets a backend apply them several elements at a
 //! time through register copies; the others run element by element everywhere.
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -25,12 +26,24 @@
 
 namespace dr2net {
 
+//! Stores 1 into a shared flag word (flag may be null: nothing). Every thread that finds a bad
+//! value stores the same 1; on the host the store is a relaxed atomic, since a pass may run on
+//! several threads (backend/host/parallel.hpp) and concurrent plain stores would be a data race.
+//! The caller reads the flag after the pass has joined.
+DR2NET_HD_INLINE void raise_flag(std::uint32_t* flag) {
+  if (flag == nullptr) return;
+#if defined(__CUDA_ARCH__)
+  *flag = 1;
+#else
+  std::atomic_ref<std::uint32_t>(*flag).store(1, std::memory_order_relaxed);
+#endif
+}
+
 //! Sets *flag when v is NaN or infinite (flag may be null: no check). Passes that already
-//! read or write the data check it this way, so the checks cost no extra pass; every thread
-//! that finds a bad value stores the same 1.
+//! read or write the data check it this way, so the checks cost no extra pass.
 template <class T>
 DR2NET_HD_INLINE void flag_if_not_finite(std::uint32_t* flag, T v) {
-  if (flag != nullptr && fixed::not_finite(static_cast<double>(v))) *flag = 1;
+  if (flag != nullptr && fixed::not_finite(static_cast<double>(v))) raise_flag(flag);
 }
 
 //! Forward of one module, in place over the x stream:
@@ -200,7 +213,7 @@ struct InitStreams {
     if constexpr (is_fixed_point_v<S>) {
       bool bad = false;
       const std::int64_t raw = fixed::quantize(static_cast<double>(h0[i]), S::scale, bad);
-      if (bad && flag != nullptr) *flag = 1;
+      if (bad) raise_flag(flag);
       x[i] = S{raw};
       y[i] = S{raw};
     } else {
@@ -340,7 +353,7 @@ struct FixedForwardCombine {
       }
     }
     if (side.words != nullptr) side.words[w] = word;
-    if (bad && flag != nullptr) *flag = 1;
+    if (bad) raise_flag(flag);
   }
 };
 
@@ -375,7 +388,7 @@ struct FixedInverseCombine {
       const std::uint64_t s = (word >> ((i - begin) * static_cast<std::size_t>(side.width))) & mask;
       y[i] = S{static_cast<std::int64_t>(static_cast<std::uint64_t>(fixed::ceil_div_mul(r, beta.p, beta.inverse)) + s)};
     }
-    if (bad && flag != nullptr) *flag = 1;
+    if (bad) raise_flag(flag);
   }
 };
 

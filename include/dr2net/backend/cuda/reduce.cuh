@@ -179,13 +179,19 @@ struct ChecksumTerm {
   }
 };
 
+//! Blocks of a two-pass reduction over n > 0 elements: one per kReduceThreads elements, at
+//! most four per multiprocessor and 1024 (the final pass reduces the partials in one block).
+inline int reduce_blocks(const CudaContext& ctx, std::size_t n) {
+  const std::size_t wanted = (n + kReduceThreads - 1) / kReduceThreads;
+  return static_cast<int>(std::min<std::size_t>(
+      wanted, std::min<std::size_t>(1024, static_cast<std::size_t>(ctx.multiprocessor_count()) * 4)));
+}
+
 //! sum_i term(i) modulo 2^64 on the context's stream; waits for the result.
 template <class Term>
 std::uint64_t sum_u64(CudaContext& ctx, Term term, std::size_t n) {
   if (n == 0) return 0;
-  const std::size_t blocks_wanted = (n + kReduceThreads - 1) / kReduceThreads;
-  const int blocks = static_cast<int>(std::min<std::size_t>(
-      blocks_wanted, std::min<std::size_t>(1024, static_cast<std::size_t>(ctx.multiprocessor_count()) * 4)));
+  const int blocks = reduce_blocks(ctx, n);
   auto partials = ctx.allocate<unsigned long long>(static_cast<std::size_t>(blocks), MemoryCategory::Other);
   sum_u64_partials<Term><<<blocks, kReduceThreads, 0, ctx.stream()>>>(term, n, partials.data());
   DR2NET_CUDA_CHECK_LAUNCH("dr2net sum_u64_partials");
@@ -195,6 +201,17 @@ std::uint64_t sum_u64(CudaContext& ctx, Term term, std::size_t n) {
   DR2NET_CUDA_CHECK(cudaMemcpyAsync(&r, partials.data(), sizeof r, cudaMemcpyDeviceToHost, ctx.stream()));
   ctx.synchronize();
   return static_cast<std::uint64_t>(r);
+}
+
+//! Reduces `blocks` DiffAndMax partials (from diff_and_max_partials or
+//! compare_restore_partials) in one block, copies the result back and waits for it.
+inline std::pair<double, double> finish_diff_and_max(CudaContext& ctx, DiffAndMax* partials, int blocks) {
+  diff_and_max_final<kReduceThreads><<<1, kReduceThreads, 0, ctx.stream()>>>(partials, blocks);
+  DR2NET_CUDA_CHECK_LAUNCH("dr2net diff_and_max_final");
+  DiffAndMax r{};
+  DR2NET_CUDA_CHECK(cudaMemcpyAsync(&r, partials, sizeof r, cudaMemcpyDeviceToHost, ctx.stream()));
+  ctx.synchronize();
+  return {r.diff, r.mag};
 }
 
 }  // namespace cuda_detail
@@ -230,19 +247,12 @@ template <class T>
 std::pair<double, double> max_abs_diff_and_max(CudaContext& ctx, const T* a, const T* b, std::size_t n) {
   if (n == 0) return {0.0, 0.0};
   using cuda_detail::DiffAndMax;
-  const std::size_t blocks_wanted = (n + cuda_detail::kReduceThreads - 1) / cuda_detail::kReduceThreads;
-  const int blocks = static_cast<int>(std::min<std::size_t>(
-      blocks_wanted, std::min<std::size_t>(1024, static_cast<std::size_t>(ctx.multiprocessor_count()) * 4)));
+  const int blocks = cuda_detail::reduce_blocks(ctx, n);
   auto partials = ctx.allocate<DiffAndMax>(static_cast<std::size_t>(blocks), MemoryCategory::Other);
   cuda_detail::diff_and_max_partials<T>
       <<<blocks, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(a, b, n, partials.data());
   DR2NET_CUDA_CHECK_LAUNCH("dr2net diff_and_max_partials");
-  cuda_detail::diff_and_max_final<cuda_detail::kReduceThreads><<<1, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(partials.data(), blocks);
-  DR2NET_CUDA_CHECK_LAUNCH("dr2net diff_and_max_final");
-  DiffAndMax r{};
-  DR2NET_CUDA_CHECK(cudaMemcpyAsync(&r, partials.data(), sizeof r, cudaMemcpyDeviceToHost, ctx.stream()));
-  ctx.synchronize();
-  return {r.diff, r.mag};
+  return cuda_detail::finish_diff_and_max(ctx, partials.data(), blocks);
 }
 
 //! Error-bounded mode's snapshot restore fused with its comparison, on device arrays
@@ -257,20 +267,12 @@ template <class T>
 std::pair<double, double> compare_and_restore(CudaContext& ctx, T* stream, const T* snapshot, std::size_t n) {
   if (n == 0) return {0.0, 0.0};
   using cuda_detail::DiffAndMax;
-  const std::size_t blocks_wanted = (n + cuda_detail::kReduceThreads - 1) / cuda_detail::kReduceThreads;
-  const int blocks = static_cast<int>(std::min<std::size_t>(
-      blocks_wanted, std::min<std::size_t>(1024, static_cast<std::size_t>(ctx.multiprocessor_count()) * 4)));
+  const int blocks = cuda_detail::reduce_blocks(ctx, n);
   auto partials = ctx.allocate<DiffAndMax>(static_cast<std::size_t>(blocks), MemoryCategory::Other);
   cuda_detail::compare_restore_partials<T>
       <<<blocks, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(stream, snapshot, n, partials.data());
   DR2NET_CUDA_CHECK_LAUNCH("dr2net compare_restore_partials");
-  cuda_detail::diff_and_max_final<cuda_detail::kReduceThreads>
-      <<<1, cuda_detail::kReduceThreads, 0, ctx.stream()>>>(partials.data(), blocks);
-  DR2NET_CUDA_CHECK_LAUNCH("dr2net diff_and_max_final");
-  DiffAndMax r{};
-  DR2NET_CUDA_CHECK(cudaMemcpyAsync(&r, partials.data(), sizeof r, cudaMemcpyDeviceToHost, ctx.stream()));
-  ctx.synchronize();
-  return {r.diff, r.mag};
+  return cuda_detail::finish_diff_and_max(ctx, partials.data(), blocks);
 }
 
 }  // namespace dr2net

@@ -17,9 +17,9 @@
 //!   __AVX__        8 lanes   Sleef_erff8_u10,  Sleef_expf8_u10,  Sleef_tanhf8_u10
 //!   __SSE2__       4 lanes   Sleef_erff4_u10,  Sleef_expf4_u10,  Sleef_tanhf4_u10
 //!
-//! dr2net's build passes no -march flag, so x86-64 builds get SSE2's 4 lanes (libsleef's
-//! dispatcher then runs its SSE4.1 or AVX2-128 code where the CPU has it); -march=x86-64-v3
-//! (or native on an AVX2 machine) gives 8 lanes, -march=x86-64-v4 16. Softmax and LayerNorm
+//! dr2net's build passes no -march flag unless DR2NET_HOST_ARCH is set, so x86-64 builds get
+//! SSE2's 4 lanes (libsleef's dispatcher then runs its SSE4.1 or AVX2-128 code where the CPU
+//! has it); -march=x86-64-v3 (or native on an AVX2 machine) gives 8 lanes, -march=x86-64-v4 16. Softmax and LayerNorm
 //! take the vector path at every width; GELU only where DR2NET_HOST_VECTOR_ERF is 1 (8 lanes
 //! or more by default: see below).
 //!
@@ -34,6 +34,7 @@
 //! takes depends on its index and the row's length only, never on the row's address.
 
 #include <cstddef>
+#include <string_view>
 
 #include "dr2net/core/config.hpp"
 
@@ -68,6 +69,26 @@
 //! by default where DR2NET_HOST_VECTOR_MATH is 1 and the vector has at least 8 lanes.
 #define DR2NET_HOST_VECTOR_ERF 0
 #endif
+
+namespace dr2net {
+
+//! What the host kernels' float erf/exp run on in this translation unit's build, for tools and
+//! benchmarks to print beside host timings: "SLEEF, 16 lanes (AVX-512F)", "SLEEF, 8 lanes
+//! (AVX)" or "SLEEF, 4 lanes (SSE2)", followed by "; GELU scalar erf" where GELU keeps the C
+//! library's erff (DR2NET_HOST_VECTOR_ERF 0), or "C library, scalar" without vector math.
+inline constexpr std::string_view host_vector_math() {
+#if !DR2NET_HOST_VECTOR_MATH
+  return "C library, scalar";
+#elif defined(__AVX512F__)
+  return DR2NET_HOST_VECTOR_ERF ? "SLEEF, 16 lanes (AVX-512F)" : "SLEEF, 16 lanes (AVX-512F); GELU scalar erf";
+#elif defined(__AVX__)
+  return DR2NET_HOST_VECTOR_ERF ? "SLEEF, 8 lanes (AVX)" : "SLEEF, 8 lanes (AVX); GELU scalar erf";
+#else
+  return DR2NET_HOST_VECTOR_ERF ? "SLEEF, 4 lanes (SSE2)" : "SLEEF, 4 lanes (SSE2); GELU scalar erf";
+#endif
+}
+
+}  // namespace dr2net
 
 #if DR2NET_HOST_VECTOR_MATH
 namespace dr2net::detail::simd {
