@@ -13,9 +13,13 @@
 // standard on the device under each. Error-bounded mode with the MeanOfStreams output against
 // the host. DR2NET_GPU_TEST_QUICK leaves out the N = 1568 shape.
 // Outputs and saved internals are poisoned (NaN) before every launch; token counts are odd
-// and there are several heads.
+// and there are several heads. Swin window attention: CudaWindowAttention vs WindowAttention
+// (shifted on both axes and on one, window 7, window == map, a 3-D grid, token rows and NHWC;
+// fp32, bf16, fp16), two device runs bit for bit equal (the bias table's gradient has no
+// atomics), and a stack of two Swin blocks on the device vs the host and reversible vs standard.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -29,7 +33,9 @@
 #include "cuda/gpu_test.cuh"
 #include "dr2net/dr2net.hpp"
 #include "dr2net/modules/cuda/vit.cuh"
+#include "dr2net/modules/cuda/window_attention.cuh"
 #include "dr2net/modules/vit.hpp"
+#include "dr2net/modules/window_attention.hpp"
 
 using namespace dr2net;
 using namespace dr2net::testing;
@@ -39,6 +45,9 @@ using namespace dr2net::testing;
 static_assert(ResidualFunction<CudaVitAttention<float>> && AddsInto<CudaVitAttention<float>>);
 static_assert(ResidualFunction<CudaVitMlp<__nv_bfloat16>> && AddsInto<CudaVitMlp<__nv_bfloat16>>);
 static_assert(std::is_same_v<function_space_t<CudaVitAttention<float>>, DeviceSpace>);
+static_assert(ResidualFunction<CudaWindowAttention<float>> && AddsInto<CudaWindowAttention<float>>);
+static_assert(ResidualFunction<CudaWindowAttention<__nv_bfloat16>> && AddsInto<CudaWindowAttention<__nv_bfloat16>>);
+static_assert(std::is_same_v<function_space_t<CudaWindowAttention<float>>, DeviceSpace>);
 
 namespace {
 
@@ -289,6 +298,85 @@ void function_cases(CudaContext& ctx, std::mt19937_64& rng, const char* type) {
   }
 }
 
+//! A host Swin window-attention function with LayerNorm weights and a bias table far from
+//! their initial values (the table's 0.02 would hide an indexing error), representable in T.
+template <class T>
+WindowAttention<float> window_host(const WindowGeometry& g, std::int64_t dim, std::int64_t heads, double drop_path,
+                                   double drop, std::mt19937_64& rng) {
+  WindowAttention<float> host(window_attention_config(dim, heads, g, 1e-5, drop_path, drop), rng());
+  auto& w = host.norm1().weight();
+  for (std::size_t i = 0; i < w.size(); ++i) w.value().data()[i] = static_cast<float>(T(1.0f + 0.05f * static_cast<float>(i % 5)));
+  auto& table = host.relative_position_bias_table();
+  const auto t = random_in<T>(table.size(), rng);
+  std::copy(t.begin(), t.end(), table.value().data());
+  return host;
+}
+
+//! CudaWindowAttention vs WindowAttention: shifted on both axes, on one axis (window 7: rows of
+//! 49 tokens), unshifted with window == map, and a 3-D grid; token rows and the NHWC view.
+template <class T>
+void window_cases(CudaContext& ctx, std::mt19937_64& rng, const char* type) {
+  struct Case {
+    std::array<std::int64_t, 3> grid, window;
+    int block;
+    std::int64_t batch, dim, heads;
+    double drop_path, drop;
+    bool training, nhwc;
+  };
+  const Case cases[] = {{{1, 8, 8}, {1, 4, 4}, 1, 2, 24, 3, 0.0, 0.0, true, false},
+                        {{1, 14, 7}, {1, 7, 7}, 1, 2, 32, 2, 0.25, 0.1, true, true},
+                        {{1, 8, 8}, {1, 8, 8}, 1, 3, 16, 2, 0.0, 0.0, false, false},
+                        {{4, 4, 8}, {2, 2, 4}, 1, 2, 16, 2, 0.0, 0.1, true, false}};
+  for (const Case& c : cases) {
+    const WindowGeometry g = swin_block_geometry(c.grid, c.window, c.block);
+    const Shape shape = c.nhwc ? Shape{c.batch, c.grid[1], c.grid[2], c.dim} : Shape{c.batch, g.grid_tokens(), c.dim};
+    const std::string tag = std::string(type) + " grid " + std::to_string(c.grid[0]) + "x" + std::to_string(c.grid[1]) +
+                            "x" + std::to_string(c.grid[2]) + " window " + std::to_string(g.window[1]) + " shift " +
+                            std::to_string(g.shift[0]) + "," + std::to_string(g.shift[1]) + "," +
+                            std::to_string(g.shift[2]) + " B" + std::to_string(c.batch) + " C" + std::to_string(c.dim) +
+                            " H" + std::to_string(c.heads) + (c.drop > 0 ? " drops" : "") +
+                            (c.training ? "" : " inference") + (c.nhwc ? " NHWC" : "");
+    run_case("window attention device vs host, " + tag, [&] {
+      WindowAttention<float> host = window_host<T>(g, c.dim, c.heads, c.drop_path, c.drop, rng);
+      CudaWindowAttention<T> dev(ctx, host);
+      compare_function<T>(ctx, host, dev, shape, c.training, 7, rng);
+    });
+  }
+}
+
+//! Two fresh device twins on the same input and call: every output and gradient (the bias
+//! table's, summed over windows and pairs without atomics) bit for bit equal.
+void window_determinism_case(CudaContext& ctx, std::mt19937_64& rng) {
+  const WindowGeometry g = swin_block_geometry({16, 16}, 4, 1);
+  const Shape shape{4, 256, 32};
+  const auto n = static_cast<std::size_t>(shape.numel());
+  WindowAttention<float> host = window_host<float>(g, 32, 4, 0.0, 0.1, rng);
+  const auto in = random_values<float>(n, rng), gout = random_values<float>(n, rng);
+  std::vector<std::vector<float>> runs;
+  for (int run = 0; run < 2; ++run) {
+    CudaWindowAttention<float> dev(ctx, host);
+    const ModuleCall<CudaContext> call{ctx, kModule, 7, kCallSeed, true};
+    auto din = to_device(ctx, in), dgout = to_device(ctx, gout), dgin = to_device(ctx, std::vector<float>(n, 0.0f));
+    auto dout = ctx.allocate<float>(n, MemoryCategory::Other);
+    auto saved = ctx.allocate<float>(dev.saved_elements(shape), MemoryCategory::Other);
+    const Shape sshape{static_cast<std::int64_t>(saved.size())};
+    dev.recompute(call, ConstDeviceView<float>(din.data(), shape), dout.view(shape), saved.view(sshape));
+    dev.backward(call, ConstDeviceView<float>(din.data(), shape), ConstDeviceView<float>(saved.data(), sshape),
+                 ConstDeviceView<float>(dgout.data(), shape), dgin.view(shape));
+    std::vector<float> all = to_host(ctx, dout.data(), n);
+    const auto gi = to_host(ctx, dgin.data(), n);
+    all.insert(all.end(), gi.begin(), gi.end());
+    dev.for_each_parameter([&](std::string_view, DeviceView<float>, DeviceView<float> gr) {
+      const auto h = to_host(ctx, gr.data(), gr.size());
+      all.insert(all.end(), h.begin(), h.end());
+    });
+    runs.push_back(all);
+  }
+  GPU_CHECK(runs[0].size() == runs[1].size() &&
+                std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)) == 0,
+            "two device runs differ");
+}
+
 using HostLayer = VitLayer<float, ConstantSchedule>;
 using DevLayer = CudaVitLayer<float, ConstantSchedule>;
 using HostFixedLayer = VitLayer<float, ConstantSchedule, FixedFp32>;
@@ -491,6 +579,11 @@ int main() {
   function_cases<float>(ctx, rng, "fp32");
   function_cases<__nv_bfloat16>(ctx, rng, "bf16");
   function_cases<__half>(ctx, rng, "fp16");
+  window_cases<float>(ctx, rng, "fp32");
+  window_cases<__nv_bfloat16>(ctx, rng, "bf16");
+  window_cases<__half>(ctx, rng, "fp16");
+  run_case("window attention on device: outputs and gradients bit for bit across runs",
+           [&] { window_determinism_case(ctx, rng); });
   long_row_cases(ctx, rng, quick);
 
   run_case("drop masks: device bit for bit as host", [&] {
@@ -632,6 +725,33 @@ int main() {
                 "expected " + std::to_string(bytes) + " bytes of parameters and of gradients, once:\n" + m.report());
     }
     GPU_CHECK(fresh.meter().current_total() == 0, "bytes left on the meter:\n" + fresh.meter().report());
+  });
+
+  run_case("Swin stack (window attention + MLP, block 1 shifted) on device vs host, and reversible vs standard", [&] {
+    using HostSwin = ReversibleDualResidual<WindowAttention<float>, VitMlp<float>, ConstantSchedule, Fp32>;
+    using DevSwin = ReversibleDualResidual<CudaWindowAttention<float>, CudaVitMlp<float>, ConstantSchedule, Fp32>;
+    const std::int64_t C = 32;
+    std::vector<HostSwin> host_layers;
+    std::vector<DevSwin> dev_layers, dev_std_layers;
+    for (int j = 0; j < 2; ++j) {
+      WindowAttention<float> f = window_host<float>(swin_block_geometry({14, 14}, 7, j), C, 2, 0.1, 0.0, rng);
+      VitMlp<float> g({C, 4 * C, 1e-5, 0.1, 0.0}, rng());
+      dev_layers.emplace_back(CudaWindowAttention<float>(ctx, f), CudaVitMlp<float>(ctx, g));
+      dev_std_layers.emplace_back(CudaWindowAttention<float>(ctx, f), CudaVitMlp<float>(ctx, g));
+      host_layers.emplace_back(std::move(f), std::move(g));
+    }
+    const ConstantSchedule sched(0.5, 0.5);
+    HostContext hctx;
+    ReversibleStack<HostSwin> host(hctx, std::move(host_layers), sched, {.seed = 21});
+    ReversibleStack<DevSwin> rev(ctx, std::move(dev_layers), sched, {.mode = BackpropMode::Reversible, .seed = 21});
+    ReversibleStack<DevSwin> std_(ctx, std::move(dev_std_layers), sched, {.mode = BackpropMode::Standard, .seed = 21});
+    const Shape shape{2, 196, C};
+    const auto m = static_cast<std::size_t>(shape.numel());
+    const auto h0 = random_values<float>(m, rng), dout = random_values<float>(m, rng);
+    const auto a = device_step(ctx, rev, shape, h0, dout), b = device_step(ctx, std_, shape, h0, dout);
+    GPU_CHECK(a.out == b.out, "all modes share the forward arithmetic: outputs must be bitwise equal");
+    compare_steps(a, b, tolerances_for<float>().gradient, "device reversible vs standard");
+    compare_steps(a, host_step(host, shape, h0, dout), tolerances_for<float>().gradient, "device vs host");
   });
 
   ctx.synchronize();
