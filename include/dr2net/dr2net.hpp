@@ -15,3 +15,4 @@
 #include "dr2net/block/residual_function.hpp"
 #include "dr2net/block/reversible_dual_residual.hpp"
 #include "dr2net/block/stack.hpp"
+#include "dr2net/block/stages.hpp"

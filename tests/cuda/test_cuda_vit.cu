@@ -31,9 +31,11 @@
 #include <vector>
 
 #include "cuda/gpu_test.cuh"
+#include "dr2net/block/stages.hpp"
 #include "dr2net/dr2net.hpp"
 #include "dr2net/modules/cuda/vit.cuh"
 #include "dr2net/modules/cuda/window_attention.cuh"
+#include "dr2net/modules/patch_merging.hpp"
 #include "dr2net/modules/vit.hpp"
 #include "dr2net/modules/window_attention.hpp"
 
@@ -562,6 +564,108 @@ void policy_stack_cases(CudaContext& ctx, std::mt19937_64& rng, const std::strin
   });
 }
 
+//! CudaPatchMerging (PatchMerging<T, CudaContext>) vs the host layer: output, din (written over
+//! a poisoned buffer) and the three parameter gradients, on a 2-D map and on a 3-D one viewed
+//! as [B, T*H, W, C]; what forward keeps is on the device meter exactly saved_bytes() until
+//! backward releases it.
+template <class T>
+void patch_merging_case(CudaContext& ctx, std::mt19937_64& rng, const char* type) {
+  const auto& tol = tolerances_for<T>();
+  for (const Shape shape : {Shape{2, 6, 8, 24}, Shape{2, 3 * 4, 6, 16}}) {
+    run_case(std::string("patch merging device vs host, ") + type + " " + shape.str(), [&] {
+      HostContext hctx;
+      PatchMerging<float> host(hctx, {shape[3]}, rng());
+      host.for_each_parameter([&](std::string_view name, TensorView<float> v, TensorView<float>) {
+        const bool w = name == "norm.weight";
+        const auto r = random_in<T>(v.size(), rng);
+        for (std::size_t i = 0; i < v.size(); ++i) v.data()[i] = representable_in<T>(w ? 1.0f + 0.5f * r[i] : r[i]);
+      });
+      PatchMerging<T, CudaContext> dev(ctx, host);
+      const Shape os = host.output_shape(shape);
+      GPU_CHECK(dev.output_shape(shape) == os, "device output shape " + dev.output_shape(shape).str());
+      const auto n = static_cast<std::size_t>(shape.numel()), no = static_cast<std::size_t>(os.numel());
+      const auto in = random_in<T>(n, rng), gout = random_in<T>(no, rng);
+      std::vector<float> out(no), din(n);
+      host.forward(hctx, ConstView<float>(in.data(), shape), TensorView<float>(out.data(), os));
+      host.backward(hctx, ConstView<float>(gout.data(), os), TensorView<float>(din.data(), shape));
+
+      auto d_in = to_device(ctx, to_type<T>(in)), d_gout = to_device(ctx, to_type<T>(gout));
+      auto d_out = ctx.allocate<T>(no, MemoryCategory::Other), d_din = ctx.allocate<T>(n, MemoryCategory::Other);
+      const std::size_t saved_before = ctx.meter().current(MemoryCategory::SavedActivations);
+      dev.forward(ctx, ConstDeviceView<T>(d_in.data(), shape), d_out.view(os));
+      GPU_CHECK(ctx.meter().current(MemoryCategory::SavedActivations) - saved_before == dev.saved_bytes(shape),
+                "saved bytes on the meter differ from saved_bytes()");
+      dev.backward(ctx, ConstDeviceView<T>(d_gout.data(), os), d_din.view(shape));
+      GPU_CHECK(ctx.meter().current(MemoryCategory::SavedActivations) == saved_before, "backward kept its saved rows");
+      GPU_CHECK_CLOSE(as_float(to_host(ctx, d_out.data(), no)), out, tol.function);
+      GPU_CHECK_CLOSE(as_float(to_host(ctx, d_din.data(), n)), din, tol.gradient);
+      std::vector<std::vector<float>> want;
+      host.for_each_parameter([&](std::string_view, TensorView<float>, TensorView<float> g) {
+        want.emplace_back(g.data(), g.data() + g.size());
+      });
+      std::size_t p = 0;
+      dev.for_each_parameter([&](std::string_view name, DeviceView<T> v, DeviceView<T> g) {
+        GPU_CHECK(p < want.size() && v.size() == want[p].size(), "parameter " + std::string(name));
+        if (p < want.size()) close_scaled(as_float(to_host(ctx, g.data(), g.size())), want[p], tol.gradient,
+                                          "gradient of " + std::string(name));
+        ++p;
+      });
+      GPU_CHECK(p == 3, "the merge has norm.weight, norm.bias and reduction.weight");
+    });
+  }
+}
+
+//! Stages on the device: a ViT stack, a merge and a stack at twice the width against the host
+//! composition of the same weights (output, dh0, every gradient by its prefixed name).
+void stages_case(CudaContext& ctx, std::mt19937_64& rng) {
+  run_case("fp32 Stages (stack, patch merging, stack) on device vs host", [&] {
+    const std::int64_t B = 2, H = 4, W = 6, C = 16;
+    const ConstantSchedule sched(0.5, 0.5);
+    const StackOptions o{.seed = 5};
+    HostContext hctx;
+    auto hl0 = make_vit_layers<float, ConstantSchedule>(2, C, 2, 2 * C, 1e-6, 0.0, rng());
+    auto hl1 = make_vit_layers<float, ConstantSchedule>(2, 2 * C, 4, 4 * C, 1e-6, 0.0, rng());
+    PatchMerging<float> hmerge(hctx, {C}, rng());
+    PatchMerging<float, CudaContext> dmerge(ctx, hmerge);
+    Stages dev(ctx, Shape{B, H, W, C},
+               stage_part("layers.0.", ReversibleStack<DevLayer>(ctx, cuda_vit_layers_from<float, ConstantSchedule>(ctx, hl0), sched, o),
+                          Shape{B, H * W, C}),
+               stage_part("layers.1.downsample.", std::move(dmerge)),
+               stage_part("layers.1.", ReversibleStack<DevLayer>(ctx, cuda_vit_layers_from<float, ConstantSchedule>(ctx, hl1), sched, o),
+                          Shape{B, H * W / 4, 2 * C}));
+    Stages host(hctx, Shape{B, H, W, C},
+                stage_part("layers.0.", ReversibleStack<HostLayer>(hctx, std::move(hl0), sched, o), Shape{B, H * W, C}),
+                stage_part("layers.1.downsample.", std::move(hmerge)),
+                stage_part("layers.1.", ReversibleStack<HostLayer>(hctx, std::move(hl1), sched, o),
+                           Shape{B, H * W / 4, 2 * C}));
+    const Shape in{B, H, W, C}, os = host.output_shape(B);
+    const auto n = static_cast<std::size_t>(in.numel()), no = static_cast<std::size_t>(os.numel());
+    const auto h0 = random_values<float>(n, rng), dout = random_values<float>(no, rng);
+    std::vector<float> out(no), dh0(n);
+    host.forward(ConstView<float>(h0.data(), in), TensorView<float>(out.data(), os), 3);
+    host.backward(ConstView<float>(dout.data(), os), TensorView<float>(dh0.data(), in));
+    auto d_h0 = to_device(ctx, h0), d_dout = to_device(ctx, dout);
+    auto d_out = ctx.allocate<float>(no, MemoryCategory::Other), d_dh0 = ctx.allocate<float>(n, MemoryCategory::Other);
+    dev.forward(ConstDeviceView<float>(d_h0.data(), in), d_out.view(os), 3);
+    dev.backward(ConstDeviceView<float>(d_dout.data(), os), d_dh0.view(in));
+    const auto& tol = tolerances_for<float>().gradient;
+    GPU_CHECK_CLOSE(to_host(ctx, d_out.data(), no), out, tol);
+    GPU_CHECK_CLOSE(to_host(ctx, d_dh0.data(), n), dh0, tol);
+    const auto want = host.parameters();
+    const auto got = dev.parameters();
+    GPU_CHECK(got.size() == want.size(), "parameter counts differ");
+    for (std::size_t p = 0; p < got.size() && p < want.size(); ++p) {
+      GPU_CHECK(got[p].name == want[p].name, "parameter " + got[p].name + " vs " + want[p].name);
+      close_scaled(to_host(ctx, got[p].grad.data(), got[p].grad.size()),
+                   std::vector<float>(want[p].grad.data(), want[p].grad.data() + want[p].grad.size()), tol,
+                   "gradient of " + want[p].name);
+    }
+    const auto r = dev.memory_report();
+    GPU_CHECK(r.of(MemoryCategory::SavedActivations) > 0 && r.activation_bytes <= ctx.meter().current_activation(),
+              "device memory report: " + r.str());
+  });
+}
+
 }  // namespace
 
 int main() {
@@ -585,6 +689,9 @@ int main() {
   run_case("window attention on device: outputs and gradients bit for bit across runs",
            [&] { window_determinism_case(ctx, rng); });
   long_row_cases(ctx, rng, quick);
+  patch_merging_case<float>(ctx, rng, "fp32");
+  patch_merging_case<__nv_bfloat16>(ctx, rng, "bf16");
+  stages_case(ctx, rng);
 
   run_case("drop masks: device bit for bit as host", [&] {
     HostContext hctx;
