@@ -22,6 +22,7 @@
 #include "dr2net/block/residual_function.hpp"
 #include "dr2net/core/checked.hpp"
 #include "dr2net/core/error.hpp"
+#include "dr2net/core/memory_meter.hpp"
 #include "dr2net/core/tensor.hpp"
 #include "dr2net/precision/precision.hpp"
 #include "dr2net/schedule/coefficients.hpp"
