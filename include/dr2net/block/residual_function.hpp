@@ -62,6 +62,10 @@ struct ModuleCall {
   std::int64_t step = 0;     //!< training step, for replaying randomness
   std::uint64_t seed = 0;    //!< the stack's seed, for replaying randomness
   bool training = true;      //!< false in inference: no dropout, no drop-path
+  //! Index of this call's first sample in the global batch (StackOptions::sample_offset): a
+  //! data-parallel rank holding samples [o, o + B) of a global batch keys its drop-path and
+  //! dropout draws by o + b, so R ranks draw the masks one process draws for the whole batch.
+  std::uint64_t sample_offset = 0;
 };
 
 namespace detail {

@@ -57,6 +57,8 @@ struct LayerCall {
   //! Fixed-point streams in exact reversible mode: where modules F (0) and G (1) of this layer
   //! keep their side bits (empty: keep none).
   SideBits side[2] = {};
+  //! Global index of the batch's first sample, handed to the functions (ModuleCall::sample_offset).
+  std::uint64_t sample_offset = 0;
 };
 
 //! A backend's buffer type: what Ctx::allocate<T> returns.
@@ -380,7 +382,7 @@ class ReversibleDualResidual {
   }
 
   static ModuleCall<context_type> module_call(context_type& ctx, const LayerCall& call, int module) {
-    return ModuleCall<context_type>{ctx, module, call.step, call.seed, call.training};
+    return ModuleCall<context_type>{ctx, module, call.step, call.seed, call.training, call.sample_offset};
   }
 
   //! A function's scratch size as size_t; a negative one (from a signed return type) is an

@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -115,7 +116,18 @@ struct StackOptions {
   //! Elements of h0 kept (strided) in forward so that the monitor measures the reconstruction
   //! even when backward() is not given h0. 0: measure only against a given h0.
   std::size_t monitor_samples = 4096;
+  //! Global index of the batch's first sample, for drop-path and dropout keys
+  //! (ModuleCall::sample_offset): a data-parallel rank holding samples [o, o + B) of the global
+  //! batch sets o, so its masks are those of one process running the whole batch. 0 otherwise.
+  std::uint64_t sample_offset = 0;
 };
+
+//! Called by ReversibleStack::backward() with layer l once the backward of layer l (modules 2l
+//! and 2l + 1) has finished accumulating that layer's parameter gradients: layers L-1, ..., 0
+//! in that order, once each per backward, in every mode. A data-parallel driver starts a
+//! gradient bucket's all-reduce from it. On a device context "finished" is in stream order:
+//! the gradients are complete once the context's stream reaches the point of the call.
+using LayerBackwardHook = std::function<void(int layer)>;
 
 //! A parameter and its gradient under the stack's name for it ("blocks.3.f.weight").
 //! \tparam T element type: the stack's compute_type
@@ -283,6 +295,23 @@ class ReversibleStack {
     state_ = State::Idle;
   }
 
+  //! Sets StackOptions::sample_offset for the following forwards; discards a pending forward.
+  void set_sample_offset(std::uint64_t offset) {
+    live("ReversibleStack::set_sample_offset()");
+    options_.sample_offset = offset;
+    state_ = State::Idle;
+  }
+
+  //! Installs `hook` (empty: none) to run as each layer's backward completes (LayerBackwardHook).
+  //! Under GuardAction::Fallback in a floating-point reversible mode the hook runs for every
+  //! layer after the guard has accepted the step (a redone step's gradients replace the first
+  //! attempt's, which must not have been sent), so there it does not overlap the backward.
+  //! An exception from the hook propagates out of backward().
+  void set_layer_backward_hook(LayerBackwardHook hook) {
+    live("ReversibleStack::set_layer_backward_hook()");
+    layer_hook_ = std::move(hook);
+  }
+
   //! Coefficients of `module` at `step`, as the arithmetic uses them (for fixed-point streams:
   //! the schedule's values rounded to the 2^-24 grid). Throws dr2net::Error naming `module`
   //! unless 0 <= module < num_modules().
@@ -352,8 +381,12 @@ class ReversibleStack {
     const bool fallback = options_.guard.action == GuardAction::Fallback && !exact &&
                           forward_mode_ != BackpropMode::Standard && !in_fallback_;
     if (fallback) save_gradients();
+    defer_layer_hook_ = fallback;
     run_backward(dout, dh0, h0);
     if (fallback && guard_tripped_) redo_with_snapshots(dout, dh0);
+    defer_layer_hook_ = false;
+    if (fallback && layer_hook_)  // the guard has accepted these gradients: now they may go out
+      for (int l = num_layers() - 1; l >= 0; --l) layer_hook_(l);
     state_ = State::BackwardDone;
   }
 
@@ -464,6 +497,7 @@ class ReversibleStack {
   LayerCall layer_call(int l, bool training) {
     LayerCall c{l, step_, options_.seed, training, options_.min_abs_beta};
     c.flags = flags_.data();
+    c.sample_offset = options_.sample_offset;
     if (!module_side_.empty()) {
       c.side[0] = module_side_[static_cast<std::size_t>(2 * l)];
       c.side[1] = module_side_[static_cast<std::size_t>(2 * l + 1)];
@@ -886,6 +920,7 @@ class ReversibleStack {
       if (forward_mode_ == BackpropMode::Standard) {
         const auto st = module_storage(m);
         block.backward_module(*ctx_, schedule_, call, which, false, x, y, gx, gy, workspace_, &st);
+        if (which == 0) layer_done(l);
         continue;
       }
       const bool reconstruct = std::abs(coefficients(step_, m).beta) >= options_.min_abs_beta;
@@ -919,6 +954,7 @@ class ReversibleStack {
         }
         amplification = 1;
       }
+      if (which == 0) layer_done(l);  // F ran last: layer l's parameter gradients are complete
     }
     for_each_index(*ctx_, n, InputGradient<V, A>{dh0.data(), gx.data(), gy.data(),
                                                  check ? stack_flags + kFlagDh0 : nullptr});
@@ -1052,6 +1088,11 @@ class ReversibleStack {
     report_.fell_back = true;
   }
 
+  //! Layer l's backward is done: runs the hook now, unless the guard must decide first.
+  void layer_done(int l) {
+    if (layer_hook_ && !defer_layer_hook_) layer_hook_(l);
+  }
+
   //! Module m's standard-mode storage inside the two stored arenas.
   typename Block::module_storage_type module_storage(int m) {
     const auto n = static_cast<std::size_t>(shape_.numel());
@@ -1089,6 +1130,8 @@ class ReversibleStack {
   double error_scale_ = 1;
   ReconstructionReport report_;
   bool guard_tripped_ = false, in_fallback_ = false;
+  LayerBackwardHook layer_hook_;
+  bool defer_layer_hook_ = false;  // Fallback: the hook runs after the guard's decision
   std::vector<SideBits> module_side_;     // exact mode: each module's side-bit area
   std::vector<std::uint64_t> checksums_;  // exact mode: checksum of what module m overwrote in forward
   std::size_t sample_count_ = 0, sample_stride_ = 1;

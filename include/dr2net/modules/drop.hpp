@@ -12,8 +12,11 @@
 //!   keep_i = (bits_i >> 8) < round((1 - p) * 2^24)       (integer test: no float ties)
 //!   out_i  = f_i * [keep_path(b(i))] / (1 - p_path) * [keep_drop(i)] / (1 - p_drop)
 //!
-//! with bits of the drop-path stream at index b(i) = i / sample_elements (the sample) and of the
-//! dropout stream at index i (the element), as core/philox.hpp lays them out.
+//! with bits of the drop-path stream at index o + b(i), b(i) = i / sample_elements (the sample),
+//! and of the dropout stream at index o * sample_elements + i (the element), as core/philox.hpp
+//! lays them out. o is the global index of the call's first sample (ModuleCall::sample_offset,
+//! 0 in one process): a data-parallel rank holding samples [o, o + B) of a global batch draws
+//! exactly the masks one process draws for those samples of the whole batch.
 //!
 //! What it costs. A Philox evaluation (10 rounds) is far more work than the multiply it gates,
 //! so DropScale avoids evaluations that give nothing new; the values stay the formula's:
@@ -74,12 +77,16 @@ struct DropScale {
   //! make_drop_scale. Samples from path_cached on are decided from the stream.
   std::uint64_t path_keep[4] = {0, 0, 0, 0};
   std::uint64_t path_cached = 0;  //!< samples path_keep covers: 0 (none) or kDropPathCachedSamples
+  //! Global index of local sample 0: sample b draws at index sample_offset + b of path_stream.
+  std::uint64_t sample_offset = 0;
+  //! Global index of local element 0: element i draws at index element_offset + i of element_stream.
+  std::uint64_t element_offset = 0;
 
   //! Whether any mask applies (false at inference and at rate 0: then the factor is 1).
   DR2NET_HD_INLINE bool active() const { return path || element; }
 
-  //! Whether sample `b` survives drop-path: keep_element(path_stream.bits(b), path_threshold),
-  //! a bit of path_keep for the first path_cached samples.
+  //! Whether local sample `b` survives drop-path: keep_element(path_stream.bits(sample_offset +
+  //! b), path_threshold), a bit of path_keep for the first path_cached samples.
   DR2NET_HD_INLINE bool keep_sample(std::uint64_t b) const {
     static_assert(kDropPathCachedSamples == 256, "path_keep holds four 64-bit words");
     if (b < path_cached) {
@@ -88,7 +95,7 @@ struct DropScale {
       const std::uint64_t odd = (b & 64u) != 0 ? path_keep[3] : path_keep[2];
       return (((b & 128u) != 0 ? odd : even) >> (b & 63u) & 1u) != 0;
     }
-    return keep_element(path_stream.bits(b), path_threshold);
+    return keep_element(path_stream.bits(sample_offset + b), path_threshold);
   }
 
   //! The factor of flat element `i` of the output (row-major over [B, ...], so its sample is
@@ -101,7 +108,7 @@ struct DropScale {
       f = path_scale;
     }
     if (element) {
-      if (!keep_element(element_stream.bits(i), element_threshold)) return T(0);
+      if (!keep_element(element_stream.bits(element_offset + i), element_threshold)) return T(0);
       f *= element_scale;
     }
     return f;
@@ -125,10 +132,11 @@ struct DropScale {
       }
     }
     if (element) {
-      std::uint64_t group = first >> 2;
+      const std::uint64_t start = element_offset + first;
+      std::uint64_t group = start >> 2;
       PhiloxBlock block = element_stream.block(group);
       for (int j = 0; j < N; ++j) {
-        const std::uint64_t i = first + static_cast<std::uint64_t>(j);
+        const std::uint64_t i = start + static_cast<std::uint64_t>(j);
         if ((i >> 2) != group) {
           group = i >> 2;
           block = element_stream.block(group);
@@ -141,8 +149,10 @@ struct DropScale {
 };
 
 //! The masks of one call of a residual function: drop-path with rate `drop_path` over samples
-//! of `sample_elements` elements, and dropout with rate `dropout` drawn for `purpose`.
-//! Inactive (factor 1) when the call is not training or both rates are 0.
+//! of `sample_elements` elements, and dropout with rate `dropout` drawn for `purpose`, keyed
+//! by the global sample index (call.sample_offset + local sample): `sample_elements` must be
+//! the masked tensor's elements per sample whenever drop-path applies or the call has a
+//! sample offset. Inactive (factor 1) when the call is not training or both rates are 0.
 template <class T, class Ctx>
 DropScale<T> make_drop_scale(const ModuleCall<Ctx>& call, double drop_path, double dropout, RandomPurpose purpose,
                              std::uint64_t sample_elements) {
@@ -158,13 +168,18 @@ DropScale<T> make_drop_scale(const ModuleCall<Ctx>& call, double drop_path, doub
     s.path_threshold = keep_threshold(drop_path);
     s.path_scale = static_cast<T>(1.0 / (1.0 - drop_path));
     s.sample_elements = sample_elements;
+    s.sample_offset = call.sample_offset;
     // The first samples' decisions, once (four per Philox evaluation), instead of once per element.
-    for (std::uint64_t group = 0; group < kDropPathCachedSamples / 4; ++group) {
-      const PhiloxBlock block = s.path_stream.block(group);
-      for (std::uint32_t lane = 0; lane < 4; ++lane) {
-        const std::uint64_t b = group * 4 + lane;
-        if (keep_element(block.v[lane], s.path_threshold)) s.path_keep[b / 64] |= std::uint64_t{1} << (b % 64);
+    std::uint64_t group = (call.sample_offset >> 2) + 1;  // none evaluated yet
+    PhiloxBlock block{};
+    for (std::uint64_t b = 0; b < kDropPathCachedSamples; ++b) {
+      const std::uint64_t global = call.sample_offset + b;
+      if ((global >> 2) != group) {
+        group = global >> 2;
+        block = s.path_stream.block(group);
       }
+      if (keep_element(philox_word(block, static_cast<std::uint32_t>(global & 3u)), s.path_threshold))
+        s.path_keep[b / 64] |= std::uint64_t{1} << (b % 64);
     }
     s.path_cached = kDropPathCachedSamples;
   }
@@ -173,6 +188,10 @@ DropScale<T> make_drop_scale(const ModuleCall<Ctx>& call, double drop_path, doub
     s.element_stream = make_philox_stream(call.seed, call.step, module, purpose);
     s.element_threshold = keep_threshold(dropout);
     s.element_scale = static_cast<T>(1.0 / (1.0 - dropout));
+    DR2NET_CHECK(call.sample_offset == 0 || sample_elements <= ~std::uint64_t{0} / call.sample_offset,
+                 "module ", call.module, ": sample offset ", call.sample_offset, " times ", sample_elements,
+                 " elements per sample overflows the dropout stream's 64-bit element index");
+    s.element_offset = call.sample_offset * sample_elements;
   }
   return s;
 }

@@ -160,7 +160,7 @@ class VitMlp : public NamedParameterSet<VitMlp<T, Ctx>>, public OutputAddsInto<V
     auto dz = cx.template allocate<T>(nh, MemoryCategory::Scratch, "MLP backward: dz");
     fc2_.backward(cx, a, g, L.rows, dz.data());  // d(a) = g W2
     masked.reset();
-    for_each_index(cx, nh, GeluDropBackward<T>{dz.data(), z, hidden_drop(call)});  // dz = da m1 gelu'(z)
+    for_each_index(cx, nh, GeluDropBackward<T>{dz.data(), z, hidden_drop(call, L)});  // dz = da m1 gelu'(z)
     auto dxn = cx.template allocate<T>(n, MemoryCategory::Scratch, "MLP backward: dxn");
     fc1_.backward(cx, xn, dz.data(), L.rows, dxn.data());
     dz.reset();
@@ -206,7 +206,7 @@ class VitMlp : public NamedParameterSet<VitMlp<T, Ctx>>, public OutputAddsInto<V
 
     norm2_.forward(cx, in.data(), L.rows, xn, mean, rstd);
     fc1_.forward(cx, xn, L.rows, z);
-    for_each_index(cx, nh, GeluDropForward<T>{a, z, hidden_drop(call)});  // a = gelu(z) * mask1
+    for_each_index(cx, nh, GeluDropForward<T>{a, z, hidden_drop(call, L)});  // a = gelu(z) * mask1
     fc2_.forward_add(cx, a, L.rows, addend, static_cast<A>(addend_scale), out.data());
     const DropScale<A> drop = output_drop(call, L);
     if (drop.active()) for_each_index(cx, out.size(), DropApply<T>{out.data(), out.data(), drop});
@@ -264,8 +264,10 @@ class VitMlp : public NamedParameterSet<VitMlp<T, Ctx>>, public OutputAddsInto<V
     return make_drop_scale<A>(call, config_.drop_path, config_.drop, RandomPurpose::OutputDropout,
                               static_cast<std::uint64_t>(L.tokens * config_.dim));
   }
-  DropScale<A> hidden_drop(const ModuleCall<Ctx>& call) const {
-    return make_drop_scale<A>(call, 0.0, config_.drop, RandomPurpose::HiddenDropout, 1);
+  // Elements per sample of the hidden activation [B, N, Hd]: keys its dropout by the global sample.
+  DropScale<A> hidden_drop(const ModuleCall<Ctx>& call, const Layout& L) const {
+    return make_drop_scale<A>(call, 0.0, config_.drop, RandomPurpose::HiddenDropout,
+                              static_cast<std::uint64_t>(L.tokens * config_.hidden));
   }
 
   VitMlpConfig config_;
