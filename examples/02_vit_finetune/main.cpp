@@ -25,6 +25,14 @@
 // images of classes 5-9. About 2.5 minutes on a quiet 2-core CPU, 3.5 under load (Release).
 //
 // Data: the Debian package dataset-fashion-mnist (see --help).
+//
+// Data parallel: built with MPI (dr2net::mpi) and started by an MPI launcher (mpirun -np N,
+// srun), every training stage runs on N ranks: each holds the whole model and images
+// [r B / N, (r + 1) B / N) of every global batch of B (the same batches, in the same order, as
+// one process), and dr2net::distributed::DataParallel averages the gradients over the ranks
+// while the backward runs. Rank 0 prints the progress and the table and writes the checkpoint;
+// the others print only errors. Without a launcher it is the one-process program above.
+// Give each rank cores / N threads (OMP_NUM_THREADS, DR2NET_NUM_THREADS); docs/distributed.md.
 
 #include <algorithm>
 #include <chrono>
@@ -44,15 +52,23 @@
 #include <unistd.h>
 
 #include <dr2net/data/fashion_mnist.hpp>
+#include <dr2net/distributed/communicator.hpp>
+#include <dr2net/distributed/data_parallel.hpp>
 #include <dr2net/dr2net.hpp>
 #include <dr2net/io/paths.hpp>
 #include <dr2net/optim/adamw.hpp>
 #include <dr2net/optim/lr_schedule.hpp>
 
+#ifdef DR2NET_HAVE_MPI
+#include <dr2net/distributed/mpi_communicator.hpp>
+#endif
+
 #include "cli.hpp"
 #include "vit_classifier.hpp"
 
 namespace {
+
+namespace dist = dr2net::distributed;
 
 using dr2net::data::LabelledImages;
 using example::VitClassifier;
@@ -132,19 +148,29 @@ void gather(const LabelledImages& set, std::span<const std::int64_t> indices, st
   }
 }
 
-// Test accuracy in percent, batch by batch (the last batch may be smaller).
-template <class Model>
-double evaluate(Model& model, const LabelledImages& set, std::int64_t batch, std::int64_t step) {
+// The sum of `v` over the ranks (every rank calls it; a world of one: v).
+template <class Comm, class T>
+T sum_over_ranks(Comm& comm, T v) {
+  comm.all_reduce(&v, 1, dist::ReduceOp::Sum).wait();
+  return v;
+}
+
+// Test accuracy in percent, batch by batch (the last batch may be smaller); with several ranks
+// rank r predicts batches r, r + N, ... and the counts are summed (every rank calls it).
+template <class Model, class Comm>
+double evaluate(Model& model, const LabelledImages& set, std::int64_t batch, std::int64_t step, Comm& comm) {
   std::vector<float> images;
   std::vector<std::int32_t> labels;
   std::vector<std::int64_t> idx;
   std::int64_t correct = 0;
-  for (std::int64_t start = 0; start < set.size(); start += batch) {
+  for (std::int64_t start = 0, k = 0; start < set.size(); start += batch, ++k) {
+    if (k % comm.size() != comm.rank()) continue;
     idx.clear();
     for (std::int64_t i = start; i < std::min(set.size(), start + batch); ++i) idx.push_back(i);
     gather(set, idx, images, labels);
     correct += model.predict_correct(images, labels, step);
   }
+  correct = sum_over_ranks(comm, correct);
   return 100.0 * static_cast<double>(correct) / static_cast<double>(set.size());
 }
 
@@ -190,9 +216,13 @@ class Progress {
   bool tty_;
 };
 
-template <class Model>
+// Trains `model` for tc.epochs over `set`. On several ranks each trains on its shard of every
+// global batch of tc.batch and a DataParallel driver averages the gradients over the ranks as
+// the backward produces them, so every rank clips and steps on the whole batch's gradients
+// (identical on every rank: the clipping norm needs no further communication).
+template <class Model, class Comm>
 TrainResult train(Model& model, dr2net::HostContext& ctx, const LabelledImages& set, const TrainConfig& tc,
-                  const char* label) {
+                  const char* label, Comm& comm) {
   auto params = model.parameters();
   dr2net::optim::AdamW<float> opt(ctx, params, {.lr = tc.lr, .weight_decay = tc.weight_decay});
   const std::int64_t per_epoch = set.size() / tc.batch;
@@ -201,6 +231,14 @@ TrainResult train(Model& model, dr2net::HostContext& ctx, const LabelledImages& 
   const dr2net::optim::WarmupCosine lr({.base_lr = tc.lr,
                                         .warmup_steps = static_cast<std::int64_t>(tc.warmup_fraction * static_cast<double>(total)),
                                         .total_steps = total});
+  const dist::BatchShard shard = dist::batch_shard(tc.batch, comm.rank(), comm.size());
+  // One process needs no driver (its gradients are the whole batch's already).
+  std::optional<dist::DataParallel<Comm, dr2net::HostContext>> dp;
+  if (comm.size() > 1) {
+    dp.emplace(comm, ctx);
+    model.attach(*dp, static_cast<std::uint64_t>(shard.begin));
+    dp->finalize();  // checks that every rank built the same model; rank 0's parameters everywhere
+  }
   std::vector<float> images;
   std::vector<std::int32_t> labels;
   TrainResult result;
@@ -218,16 +256,28 @@ TrainResult train(Model& model, dr2net::HostContext& ctx, const LabelledImages& 
         result.peak_total = ctx.meter().peak_total();
         ctx.meter().reset_peaks();
       }
-      gather(set, std::span(order).subspan(static_cast<std::size_t>(s * tc.batch), static_cast<std::size_t>(tc.batch)),
+      gather(set,
+             std::span(order).subspan(static_cast<std::size_t>(s * tc.batch + shard.begin),
+                                      static_cast<std::size_t>(shard.size())),
              images, labels);
       opt.zero_grad();
-      const example::StepResult r = model.train_step(images, labels, step);
+      example::StepResult r;
+      if (dp) {
+        dp->begin_step();
+        r = model.train_step(images, labels, step, &*dp);
+        dp->finish();  // every rank's gradients: the average over the ranks
+      } else {
+        r = model.train_step(images, labels, step);
+      }
+      // The whole batch's mean loss (equal shards: the mean of the ranks' means) and correct count.
+      const double loss = sum_over_ranks(comm, r.loss) / static_cast<double>(comm.size());
+      const std::int64_t batch_correct = sum_over_ranks(comm, r.correct);
       const double norm = dr2net::optim::clip_grad_norm(params, tc.clip);
-      DR2NET_CHECK(std::isfinite(norm) && std::isfinite(r.loss), label, ": non-finite loss ", r.loss,
+      DR2NET_CHECK(std::isfinite(norm) && std::isfinite(loss), label, ": non-finite loss ", loss,
                    " or gradient norm ", norm, " at step ", step);
       opt.step(lr(step));
-      loss_sum += r.loss;
-      correct += r.correct;
+      loss_sum += loss;
+      correct += batch_correct;
       seen += tc.batch;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       progress.update(epoch + 1, tc.epochs, s + 1, per_epoch, loss_sum / static_cast<double>(s + 1),
@@ -237,6 +287,7 @@ TrainResult train(Model& model, dr2net::HostContext& ctx, const LabelledImages& 
     }
     result.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
+  if (dp) model.detach();
   result.steps = total;
   result.side_bits = ctx.meter().peak(dr2net::MemoryCategory::SideBits);
   if (tc.window_step >= 0 && tc.window_step < total) {
@@ -265,20 +316,43 @@ struct Run {
 double mib(std::size_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
 
 // Finetunes one model of precision P from the checkpoint and fills in r's results.
-template <class P>
+template <class P, class Comm>
 void finetune(Run& r, const example::ModelConfig& fc, const dr2net::StackOptions& so,
               const dr2net::io::SafetensorsReader& file, const LabelledImages& train_set, const LabelledImages& test_set,
-              const TrainConfig& tc, const Options& o, std::int64_t total) {
+              const TrainConfig& tc, const Options& o, std::int64_t total, Comm& comm) {
   dr2net::HostContext ctx;  // one per run: its meter's peaks are this run's alone
   VitClassifier<P> model(ctx, fc, r.schedule, so, o.seed);
   model.load_backbone(file);
   model.head().reset_classifier(fc.classes, dr2net::mix_seed(o.seed, 77));
-  r.result = train(model, ctx, train_set, tc, r.label);
-  r.test_accuracy = evaluate(model, test_set, o.batch, total);
+  r.result = train(model, ctx, train_set, tc, r.label, comm);
+  r.test_accuracy = evaluate(model, test_set, o.batch, total, comm);
 }
 
-int run(const Options& o) {
+// Runs `write` on rank 0 alone and makes every rank agree on the outcome (collective): rank 0
+// rethrows its error, the others throw one naming rank 0, so that no rank goes on to read a
+// file that was never written.
+template <class Comm, class Write>
+void on_rank_zero(Comm& comm, const char* what, Write&& write) {
+  std::exception_ptr error;
+  std::int32_t failed = 0;
+  if (comm.rank() == 0) {
+    try {
+      write();
+    } catch (...) {
+      error = std::current_exception();
+      failed = 1;
+    }
+  }
+  comm.broadcast(&failed, 1, 0).wait();
+  if (error) std::rethrow_exception(error);
+  DR2NET_CHECK(failed == 0, "rank 0 could not ", what, " (its error says why)");
+}
+
+template <class Comm>
+int run(const Options& o, Comm& comm) {
   const auto wall0 = std::chrono::steady_clock::now();
+  DR2NET_CHECK(o.batch % comm.size() == 0, "--batch ", o.batch, " does not split into ", comm.size(),
+               " equal shards, one per rank: make it a multiple of the number of ranks");
   // A file that is not there at all gets the installation hint; anything else wrong with the
   // files (a directory in a file's place, a damaged file) is load_fashion_mnist's to report.
   if (const auto missing = dr2net::data::missing_fashion_mnist_files(o.data_dir);
@@ -326,6 +400,10 @@ int run(const Options& o) {
               static_cast<long long>((mc.image / mc.patch) * (mc.image / mc.patch) + 1), static_cast<long long>(mc.dim),
               static_cast<long long>(mc.heads), static_cast<long long>(mc.hidden), mc.layers,
               std::string(dr2net::host_gemm_backend()).c_str());
+  if (comm.size() > 1)
+    std::printf("data parallel: %d ranks, each training on %lld images of every batch of %lld "
+                "(memory figures are rank 0's, times are per global step)\n",
+                comm.size(), static_cast<long long>(o.batch / comm.size()), static_cast<long long>(o.batch));
 
   // ---- stage 1: pretraining on classes 0-4, standard backprop at (1, 0) ----
   if (o.skip_pretrain) {
@@ -336,9 +414,10 @@ int run(const Options& o) {
     dr2net::HostContext ctx;
     VitClassifier<> model(ctx, mc, dr2net::AnySchedule(dr2net::ConstantSchedule(1.0, 0.0)),
                         {.mode = dr2net::BackpropMode::Standard, .seed = o.seed}, o.seed);
-    train(model, ctx, pre_train, {.epochs = o.pretrain_epochs, .batch = o.batch, .lr = 1e-3, .seed = o.seed}, "pretrain");
-    std::printf("pretrained test accuracy on classes 0-4: %.2f %%\n", evaluate(model, pre_test, o.batch, 0));
-    model.save(o.checkpoint);
+    train(model, ctx, pre_train, {.epochs = o.pretrain_epochs, .batch = o.batch, .lr = 1e-3, .seed = o.seed}, "pretrain",
+          comm);
+    std::printf("pretrained test accuracy on classes 0-4: %.2f %%\n", evaluate(model, pre_test, o.batch, 0, comm));
+    on_rank_zero(comm, "write the pretrained checkpoint", [&] { model.save(o.checkpoint); });
     std::printf("saved %s\n", o.checkpoint.c_str());
   }
 
@@ -374,8 +453,8 @@ int run(const Options& o) {
     // Error-bounded mode redoes a step with more snapshots should its reconstruction ever
     // exceed the guard; exact mode needs no guard (a mismatch is always an error).
     const dr2net::StackOptions so{.mode = r.mode, .seed = o.seed, .guard = {.action = dr2net::GuardAction::Fallback}};
-    if (r.exact) finetune<dr2net::FixedFp32>(r, fc, so, file, fine_train, fine_test, tc, o, total);
-    else finetune<dr2net::Fp32>(r, fc, so, file, fine_train, fine_test, tc, o, total);
+    if (r.exact) finetune<dr2net::FixedFp32>(r, fc, so, file, fine_train, fine_test, tc, o, total, comm);
+    else finetune<dr2net::Fp32>(r, fc, so, file, fine_train, fine_test, tc, o, total, comm);
   }
 
   std::printf("\nfinetuning on classes 5-9: %lld steps of %lld images, test set %lld images\n",
@@ -409,24 +488,54 @@ int run(const Options& o) {
   return 0;
 }
 
-}  // namespace
+// "02_vit_finetune", and on several ranks "02_vit_finetune (rank 1 of 2)": the errors' prefix.
+template <class Comm>
+std::string program_name(const Comm& comm) {
+  std::string name = "02_vit_finetune";
+  if (comm.size() > 1) name += " (rank " + std::to_string(comm.rank()) + " of " + std::to_string(comm.size()) + ")";
+  return name;
+}
 
-int main(int argc, char** argv) {
+// The program on the ranks of `comm`; the other ranks than 0 print errors alone.
+template <class Comm>
+int main_on(int argc, char** argv, Comm& comm) {
+  if (comm.rank() != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) std::fclose(stdout);
+  const std::string name = program_name(comm);
   Options o;
   if (const auto status = parse(argc, argv, o)) return *status;
   try {
     if (!o.skip_pretrain) require_checkpoint_apart_from_data(o);
   } catch (const dr2net::Error& e) {
-    std::fprintf(stderr, "02_vit_finetune: %s (see --help)\n", e.detail().c_str());
+    std::fprintf(stderr, "%s: %s (see --help)\n", name.c_str(), e.detail().c_str());
     return 2;
   }
   try {
-    return run(o);
+    return run(o, comm);
   } catch (const dr2net::Error& e) {
-    std::fprintf(stderr, "02_vit_finetune: %s\n", e.detail().c_str());
+    std::fprintf(stderr, "%s: %s\n", name.c_str(), e.detail().c_str());
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "02_vit_finetune: %s\n", e.what());
+    std::fprintf(stderr, "%s: %s\n", name.c_str(), e.what());
     return 1;
   }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+#ifdef DR2NET_HAVE_MPI
+  // Started by an MPI launcher: one rank of its world (DR2NET_COMM_TIMEOUT bounds every wait).
+  if (dist::launched_by_mpi()) {
+    try {
+      dist::MpiEnvironment mpi(&argc, &argv);
+      dist::MpiCommunicator comm(dist::comm_options_from_environment());
+      return main_on(argc, argv, comm);
+    } catch (const dr2net::Error& e) {
+      std::fprintf(stderr, "02_vit_finetune: %s\n", e.detail().c_str());
+      return 1;
+    }
+  }
+#endif
+  dist::LocalCommunicator comm;
+  return main_on(argc, argv, comm);
 }

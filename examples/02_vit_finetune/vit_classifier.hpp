@@ -40,6 +40,11 @@ struct StepResult {
   std::int64_t correct = 0;
 };
 
+// train_step's default: no data-parallel driver.
+struct NoDriver {
+  void mark_ready(int) {}
+};
+
 template <class Precision = dr2net::Fp32>
 class VitClassifier {
   // The stack's input and output are fp32 views whatever the streams are stored in.
@@ -69,9 +74,32 @@ class VitClassifier {
     return all;
   }
 
+  // Registers every parameter with a data-parallel driver (dr2net::distributed::DataParallel)
+  // in the order the backward finishes them: the head, the stack's layers L-1, ..., 0 (the
+  // stack's hook marks each ready as its backward ends), the embedding. `sample_offset` is the
+  // global index of this rank's first sample in every batch (the masks' key). train_step(...,
+  // &dp) then marks the head and the embedding; detach() undoes the registration's hook.
+  template <class DP>
+  void attach(DP& dp, std::uint64_t sample_offset) {
+    std::vector<dr2net::NamedParameter<float>> head, embedding;
+    dr2net::append_parameters(head, head_);
+    dr2net::append_parameters(embedding, embedding_);
+    head_group_ = dp.add_group("head", std::move(head));
+    dp.add_stack(stack_, sample_offset);
+    embedding_group_ = dp.add_group("embedding", std::move(embedding));
+  }
+  void detach() {
+    stack_.set_layer_backward_hook({});
+    stack_.set_sample_offset(0);
+    head_group_ = embedding_group_ = -1;
+  }
+
   // Forward and backward of one batch of images [B, C, H, W] at `step`; parameter gradients
   // accumulate (zero them first). Returns the mean loss and the number of correct predictions.
-  StepResult train_step(std::span<const float> images, std::span<const std::int32_t> labels, std::int64_t step) {
+  // With a driver (attach()), each part's gradients are handed to it as its backward ends.
+  template <class DP = NoDriver>
+  StepResult train_step(std::span<const float> images, std::span<const std::int32_t> labels, std::int64_t step,
+                        DP* dp = nullptr) {
     const auto B = static_cast<std::int64_t>(labels.size());
     prepare(B);
     const dr2net::Shape tokens{B, embedding_.num_tokens(), config_.dim};
@@ -84,8 +112,10 @@ class VitClassifier {
     r.correct = dr2net::count_correct<float>(logits_.view({B, config_.classes}), labels);
     std::fill(dout_.data(), dout_.data() + tokens.numel(), 0.0f);  // the head accumulates into it
     head_.backward(dlogits_.view({B, config_.classes}), dout_.view(tokens));
+    if (dp != nullptr) dp->mark_ready(head_group_);
     stack_.backward(dout_.view(tokens), dh0_.view(tokens), h0_.view(tokens));  // h0: reconstruction monitor
     embedding_.backward(dh0_.view(tokens));
+    if (dp != nullptr) dp->mark_ready(embedding_group_);
     return r;
   }
 
@@ -163,6 +193,7 @@ class VitClassifier {
   Stack<Precision> stack_;
   dr2net::VitHead<float> head_;
   dr2net::HostBuffer<float> h0_, out_, dout_, dh0_, logits_, dlogits_;
+  int head_group_ = -1, embedding_group_ = -1;  // the driver's groups (attach())
 };
 
 // The model sizes a checkpoint written by save() describes: blocks from
