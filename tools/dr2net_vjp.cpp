@@ -238,8 +238,11 @@ int run(const Args& a) {
 template <class Net>
 dr2net::ReconstructionReport combined_report(Net& net) {
   std::vector<dr2net::ReconstructionReport> all;
+  const auto add = [&]<std::size_t I>(std::integral_constant<std::size_t, I>) {
+    if constexpr (I % 2 == 0) all.push_back(net.template part<I>().reconstruction());  // odd parts: merges
+  };
   [&]<std::size_t... I>(std::index_sequence<I...>) {
-    ((I % 2 == 0 ? all.push_back(net.template part<I>().reconstruction()) : void()), ...);
+    (add(std::integral_constant<std::size_t, I>{}), ...);
   }(std::make_index_sequence<Net::num_parts>{});
   dr2net::ReconstructionReport r = all.front();
   for (std::size_t k = 1; k < all.size(); ++k) {
