@@ -15,6 +15,10 @@ namespace dr2net_vjp {
 struct RunInfo {
   std::string mode, precision, backend;
   int num_heads = 0;
+  //! "vit" (a stack of timm ViT blocks) or "swin" (timm Swin stages: then num_heads above is
+  //! unused and the three strings below, copied from the weights' metadata, are written).
+  std::string arch = "vit";
+  std::string swin_num_heads, swin_window_size, swin_depths;  //!< comma lists, as in the weights file
   dr2net::Coefficients requested;  //!< --alpha, --beta
   dr2net::Coefficients used;       //!< as the stack's arithmetic uses them (stack.coefficients(0, 0))
   int stream_frac_bits = 0;        //!< > 0: fixed-point streams with this many fractional bits
