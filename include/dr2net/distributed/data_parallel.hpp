@@ -187,7 +187,8 @@ class DataParallel {
   //! Where a rank's shard of bucket k starts within that bucket, and its length (ReduceScatter
   //! layout; every bucket is padded to a multiple of the world size).
   struct Bucket {
-    int first_group = 0, last_group = 0;  //!< the groups [first, last] it holds
+    int first_group = 0;                  //!< the first group it holds
+    int last_group = 0;                   //!< the last group it holds (inclusive)
     std::size_t offset = 0;               //!< its first element in the flat buffer
     std::size_t elements = 0;             //!< gradient elements it holds
     std::size_t padded = 0;               //!< elements rounded up to a multiple of the world size
